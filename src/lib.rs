@@ -1,0 +1,27 @@
+//! speculum: a cluster-local, peer-to-peer OCI registry mirror for containerd nodes.
+//!
+//! Every node runs one daemon. containerd's `hosts.toml` sends image pulls to it; it serves
+//! what the node already holds, streams what another node holds, and answers 404 otherwise so
+//! containerd falls back to the upstream registry. **A pull never fails because of us.**
+//!
+//! # Layout
+//! - [`oci`]: pure types (digests, references, `/v2/` paths, ranges, media types, error codes).
+//! - [`store`]: the `Store` seam, read-only access to the node's content (containerd, memory).
+//! - [`routing`]: the `Router` seam, who holds what (libp2p Kademlia, memory) and [`routing::sync`],
+//!   which keeps the advertised keys in step with the store.
+//! - [`registry`]: the HTTP side: the containerd-facing mirror endpoint, the peer endpoint, and
+//!   the one place where errors become OCI error responses.
+//! - [`hosts`]: rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml`.
+//! - [`config`]: defaults → YAML file → `SPECULUM_*` environment → flags, validated at once.
+//! - [`metrics`]: the daemon's own Prometheus registry (no globals).
+//! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.
+
+pub mod app;
+pub mod config;
+pub mod hosts;
+pub mod metrics;
+pub mod oci;
+pub mod registry;
+pub mod routing;
+pub mod shutdown;
+pub mod store;

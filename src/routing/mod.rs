@@ -1,0 +1,53 @@
+//! The `Router` seam: which nodes hold a piece of content, and telling others what we hold.
+//!
+//! Keys are strings: a digest (`sha256:…`) for content, `registry/repository:tag` for a tag.
+//! Two implementations: [`kademlia::KademliaRouter`] (libp2p Kademlia DHT, the real one) and
+//! [`memory::MemoryRouter`] (the twin for unit tests), held to one [`conformance`] suite.
+//! [`sync`] keeps the advertised keys in step with the store.
+
+pub mod conformance;
+pub mod kademlia;
+pub mod memory;
+pub mod sync;
+
+use std::net::SocketAddr;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+/// Another node that holds a key, and where its registry endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// libp2p peer id (or any stable node id for the twin); used in logs and metrics.
+    pub id: String,
+    /// The peer's registry endpoint (its IP and the cluster-wide registry port).
+    pub addr: SocketAddr,
+}
+
+/// Errors of the routing seam.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("router is shut down")]
+    Closed,
+    #[error("routing failed: {0}")]
+    Failed(String),
+}
+
+/// Finds and announces content holders. See the module docs.
+#[async_trait]
+pub trait Router: Send + Sync + 'static {
+    /// True once the router can answer lookups. A lone node is ready: it can still serve its
+    /// own content, and lookups then simply find nobody.
+    fn ready(&self) -> bool;
+
+    /// Finds up to `limit` peers holding `key`, excluding this node. Peers are sent as they
+    /// are found; the channel closes when the lookup is over. Only peers believed alive are
+    /// returned: a node that died must stop appearing within 60 seconds.
+    async fn lookup(&self, key: &str, limit: usize) -> Result<mpsc::Receiver<Peer>, RouterError>;
+
+    /// Announces that this node holds `keys`. Idempotent.
+    async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError>;
+
+    /// Stops announcing `keys`. Idempotent.
+    async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
+}

@@ -1,0 +1,165 @@
+//! The `Store` seam: read-only access to the content a node already holds.
+//!
+//! The daemon never writes to containerd; it lists images, resolves tags to digests, describes
+//! content (size and media type) and streams it, optionally from an offset. Two
+//! implementations: [`containerd::ContainerdStore`] (the real one) and
+//! [`memory::MemoryStore`] (the twin for unit tests). [`conformance`] holds the one suite both
+//! must pass. Which content belongs to which image ([`closure`]) is computed here, once, for
+//! every implementation.
+
+pub mod conformance;
+pub mod containerd;
+pub mod memory;
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::oci::{ByteRange, Digest, Reference, media};
+
+/// A stream of content bytes.
+pub type ContentStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// Size and media type of one piece of content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub digest: Digest,
+    pub size: u64,
+    /// Detected from the bytes for manifests, indexes and configs; `application/octet-stream`
+    /// for everything else (containerd does not record media types of blobs).
+    pub media_type: String,
+}
+
+/// An image record: a fully qualified name pointing at a manifest or index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Image {
+    pub registry: String,
+    pub repository: String,
+    /// `None` for images recorded by digest only (`repo@sha256:…`).
+    pub tag: Option<String>,
+    pub digest: Digest,
+}
+
+impl Image {
+    /// Builds an image from a containerd image name and its target digest. Names that are not
+    /// fully qualified references (such as CRI's `sha256:<config>` records) yield `None`.
+    pub fn from_name(name: &str, digest: Digest) -> Option<Image> {
+        let r = Reference::parse(name).ok()?;
+        Some(Image {
+            registry: r.registry,
+            repository: r.repository,
+            tag: r.tag,
+            digest,
+        })
+    }
+
+    /// The DHT key of this image's tag, if it has one.
+    pub fn tag_key(&self) -> Option<String> {
+        self.tag
+            .as_ref()
+            .map(|t| Reference::tag_key(&self.registry, &self.repository, t))
+    }
+}
+
+/// A change in the set of images, as reported by the store's event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// An image was created or now points elsewhere (containerd `/images/create|update`).
+    ImageChanged { name: String },
+    /// An image record was deleted (containerd `/images/delete`).
+    ImageDeleted { name: String },
+}
+
+/// Errors of the store seam.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("content {0} not found")]
+    NotFound(Digest),
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("reading content failed")]
+    Io(#[from] std::io::Error),
+}
+
+impl StoreError {
+    pub fn unavailable(message: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+/// Read-only access to a node's content. See the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Every image record that names a fully qualified reference.
+    async fn images(&self) -> Result<Vec<Image>, StoreError>;
+
+    /// The digest `registry/repository:tag` points at, if the node has that image.
+    async fn resolve(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+    ) -> Result<Option<Digest>, StoreError>;
+
+    /// Size and media type of content, or `None` when the node does not hold it.
+    async fn descriptor(&self, digest: &Digest) -> Result<Option<Descriptor>, StoreError>;
+
+    /// Streams content, all of it or one range. `NotFound` when absent.
+    async fn open(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<ContentStream, StoreError>;
+
+    /// Image events. The stream ends when the connection to the backing store breaks; the
+    /// caller re-subscribes (and reconciles, because events may have been missed).
+    async fn watch(&self) -> Result<BoxStream<'static, StoreEvent>, StoreError>;
+
+    /// Reads small content (manifests, indexes) whole, refusing anything over `limit` bytes.
+    async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Bytes, StoreError> {
+        use futures::TryStreamExt;
+        let Some(desc) = self.descriptor(digest).await? else {
+            return Err(StoreError::NotFound(digest.clone()));
+        };
+        if desc.size > limit {
+            return Err(StoreError::unavailable(format!(
+                "{digest} is {} bytes, over the {limit} byte limit",
+                desc.size
+            )));
+        }
+        let chunks: Vec<Bytes> = self.open(digest, None).await?.try_collect().await?;
+        Ok(chunks.concat().into())
+    }
+}
+
+/// Every digest reachable from `root` that this store holds: the root, and for an index its
+/// manifests, for a manifest its config and layers. Children the node lacks (other platforms
+/// of a multi-arch index) are skipped: only what can be served is returned.
+pub async fn closure(store: &dyn Store, root: &Digest) -> Result<Vec<Digest>, StoreError> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut queue = vec![root.clone()];
+    while let Some(d) = queue.pop() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        let Some(desc) = store.descriptor(&d).await? else {
+            continue;
+        };
+        out.push(d.clone());
+        if media::is_manifest_type(&desc.media_type) {
+            let bytes = store.read_small(&d, media::MAX_MANIFEST_BYTES).await?;
+            queue.extend(media::children(&bytes).into_iter().map(|c| c.digest));
+        }
+    }
+    Ok(out)
+}
