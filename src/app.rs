@@ -1,1 +1,214 @@
-//! TODO
+//! The composition root: builds the seams from their config sections, binds every listener
+//! before joining the cluster, runs the tasks, and shuts down in order.
+//!
+//! Shutdown on SIGTERM (linkerd2-proxy's order): readiness fails → this node's DHT records
+//! are withdrawn and the router stops (peers drop our records as the connections close) →
+//! listeners stop accepting → in-flight responses drain within `registry.drain_grace`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::metrics::{Handler, Metrics};
+use crate::readiness::Readiness;
+use crate::registry::{self, Mirror, RegistryState};
+use crate::routing::Router;
+use crate::routing::kademlia::{self, KademliaRouter};
+use crate::routing::sync::Advertiser;
+use crate::shutdown::{self, Shutdown};
+use crate::store::Store;
+use crate::store::containerd::ContainerdStore;
+
+/// How often health gauges (peers, containerd reachability, routing readiness) refresh.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Runs the daemon until `stop` fires, then shuts down in order.
+pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    readiness.block("listeners", "binding");
+
+    // Bind first: a port conflict must fail the start before this node joins the cluster.
+    let mirror_listener = bind(config.registry.mirror_listen, "registry.mirror_listen").await?;
+    let peer_listener = bind(config.registry.peer_listen, "registry.peer_listen").await?;
+    let metrics_listener = bind(config.metrics.listen, "metrics.listen").await?;
+
+    let containerd = Arc::new(
+        ContainerdStore::new(config.containerd.clone()).context("containerd store")?,
+    );
+    let store: Arc<dyn Store> = containerd.clone();
+
+    let (router_stop, router_shutdown) = shutdown::channel();
+    let (router, mut router_task) =
+        kademlia::start(config.routing.clone(), router_shutdown.wait())
+            .await
+            .context("starting the DHT router")?;
+    let router_dyn: Arc<dyn Router> = Arc::new(router.clone());
+    tracing::info!(
+        peer.id = %router.peer_id(),
+        node = %config.node.name,
+        mirror = %config.registry.mirror_listen,
+        peer_endpoint = %config.registry.peer_listen,
+        "speculum starting"
+    );
+
+    let mirror = Mirror::new(router_dyn.clone(), config.mirror.clone(), metrics.clone())
+        .context("building the peer HTTP client")?;
+    let state = |handler, mirror: Option<Arc<Mirror>>| RegistryState {
+        store: store.clone(),
+        mirror,
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        handler,
+    };
+
+    let (sync_stop, sync_shutdown) = shutdown::channel();
+    let advertiser = Advertiser::new(
+        store.clone(),
+        router_dyn.clone(),
+        config.sync.clone(),
+        metrics.clone(),
+        readiness.clone(),
+    );
+    let mut sync_task = tokio::spawn(advertiser.run(sync_shutdown));
+
+    let (http_stop, http_shutdown) = shutdown::channel();
+    let mut servers = vec![
+        serve(
+            mirror_listener,
+            registry::app(state(Handler::Mirror, Some(Arc::new(mirror)))),
+            http_shutdown.clone(),
+        ),
+        serve(
+            peer_listener,
+            registry::app(state(Handler::Peer, None)),
+            http_shutdown.clone(),
+        ),
+        serve(
+            metrics_listener,
+            metrics_app(metrics.clone(), readiness.clone()),
+            http_shutdown,
+        ),
+    ];
+    readiness.release("listeners");
+    let health = tokio::spawn(health(
+        containerd,
+        router.clone(),
+        metrics.clone(),
+        readiness.clone(),
+    ));
+
+    // Run until asked to stop, or until a part dies (then stop the rest and report it).
+    let failure: Option<anyhow::Error> = tokio::select! {
+        _ = stop.wait() => None,
+        r = &mut router_task => Some(anyhow::anyhow!("router task ended: {r:?}")),
+        r = &mut sync_task => Some(anyhow::anyhow!("advertiser task ended: {r:?}")),
+        (r, i, _) = futures::future::select_all(servers.iter_mut()) => {
+            Some(anyhow::anyhow!("listener {i} ended: {r:?}"))
+        }
+    };
+    if let Some(e) = &failure {
+        tracing::error!(error = %e, "a daemon task failed; shutting down");
+    }
+
+    tracing::info!("shutdown: not ready, withdrawing advertisements");
+    readiness.block("shutdown", "shutting down");
+    metrics.ready.set(0);
+    health.abort();
+    sync_stop.fire();
+    if tokio::time::timeout(Duration::from_secs(5), &mut sync_task).await.is_err() {
+        tracing::warn!("advertiser did not stop within 5s");
+    }
+    router_stop.fire();
+    if tokio::time::timeout(Duration::from_secs(5), &mut router_task).await.is_err() {
+        tracing::warn!("router did not stop within 5s");
+    }
+    tracing::info!(grace_ms = config.registry.drain_grace.as_millis() as u64, "draining in-flight responses");
+    http_stop.fire();
+    let drained = tokio::time::timeout(
+        config.registry.drain_grace,
+        futures::future::join_all(servers),
+    )
+    .await;
+    if drained.is_err() {
+        tracing::warn!("drain grace expired; closing the remaining connections");
+    }
+    tracing::info!("speculum stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {setting} ({addr})"))
+}
+
+/// Serves `app` until `shutdown`; then stops accepting and waits for open connections.
+fn serve(listener: TcpListener, app: axum::Router, shutdown: Shutdown) -> JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.wait())
+        .await
+    })
+}
+
+/// `/metrics`, `/readyz` and `/livez` on the metrics listener.
+pub fn metrics_app(metrics: Metrics, readiness: Readiness) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = readiness.clone();
+                async move { registry::readiness_response(&readiness) }
+            }),
+        )
+        .route("/livez", get(|| async { "ok\n" }))
+}
+
+/// Refreshes the peers gauge and the routing and containerd parts of readiness.
+async fn health(
+    containerd: Arc<ContainerdStore>,
+    router: KademliaRouter,
+    metrics: Metrics,
+    readiness: Readiness,
+) {
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tick.tick().await;
+        metrics.peers.set(router.peer_count() as i64);
+        if router.ready() {
+            readiness.release("routing");
+        } else {
+            readiness.block("routing", "listener not bound yet");
+        }
+        match containerd.ping().await {
+            Ok(()) => readiness.release("containerd"),
+            Err(e) => readiness.block("containerd", format!("unreachable: {e}")),
+        }
+        metrics.ready.set(i64::from(readiness.is_ready()));
+    }
+}

@@ -1,1 +1,409 @@
-//! TODO
+//! The daemon's configuration: defaults → YAML file → `SPECULUM_<SECTION>_<KEY>` environment
+//! → command-line flags, each layer overriding the one before. Everything is validated before
+//! any port is bound, and every problem is reported at once.
+//!
+//! Each component owns its section type and its `validate()`; this module only layers and
+//! collects. A section is handed to its component alone, never the whole config.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::hosts::HostsConfig;
+use crate::registry::MirrorConfig;
+use crate::routing::kademlia::KademliaConfig;
+use crate::routing::sync::SyncConfig;
+use crate::store::containerd::ContainerdConfig;
+
+/// The whole configuration. YAML keys are the field names below.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub registry: RegistryConfig,
+    pub mirror: MirrorConfig,
+    pub metrics: MetricsConfig,
+    pub containerd: ContainerdConfig,
+    pub routing: KademliaConfig,
+    pub sync: SyncConfig,
+    pub hosts: HostsConfig,
+    pub log: LogConfig,
+}
+
+/// This node's identity in logs and the audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The Kubernetes node name; defaults to `$NODE_NAME`, then the host name.
+    pub name: String,
+}
+
+/// The two registry listeners and the shutdown drain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// containerd-facing mirror endpoint (serves local content and mirrors peers).
+    pub mirror_listen: SocketAddr,
+    /// Endpoint other daemons fetch from (local content only). Its port must equal
+    /// `routing.registry_port`, which tells peers where to connect.
+    pub peer_listen: SocketAddr,
+    /// On SIGTERM, in-flight responses get this long to finish (keep it below the pod's
+    /// `terminationGracePeriodSeconds`).
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            mirror_listen: ([127, 0, 0, 1], 5080).into(),
+            peer_listen: ([0, 0, 0, 0], 5081).into(),
+            drain_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The metrics and health endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serves `/metrics`, `/readyz` and `/livez`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: ([0, 0, 0, 0], 9402).into(),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `text`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `info,speculum::routing=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "json".to_owned(),
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Every problem found while loading, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// Loads the configuration from its layers. `env` is the process environment (passed in so
+/// tests need not touch it); `overrides` are `section.key=value` settings from flags, applied
+/// last in order.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[(String, String)],
+) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let defaults = serde_json::to_value(Config::default())
+        .map_err(|e| ConfigErrors(vec![format!("defaults do not serialize: {e}")]))?;
+    let mut tree = defaults.clone();
+
+    if let Some(path) = file {
+        match std::fs::read_to_string(path) {
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
+            Ok(text) => match yaml_serde::from_str::<Value>(&text) {
+                Ok(Value::Null) => {}
+                Ok(v @ Value::Object(_)) => merge(&mut tree, v),
+                Ok(_) => errors.push(format!("{}: top level must be a mapping", path.display())),
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            },
+        }
+    }
+
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("SPECULUM_") else {
+            continue;
+        };
+        let tokens: Vec<String> = rest.split('_').map(str::to_ascii_lowercase).collect();
+        // Only variables naming a known section are settings; others (SPECULUM_BIN used by
+        // scripts, say) are not ours to refuse.
+        let Some(Value::Object(sections)) = Some(&defaults) else {
+            continue;
+        };
+        if !sections.contains_key(&tokens[0]) {
+            continue;
+        }
+        match find_path(&defaults, &tokens) {
+            Some(path) => set(&mut tree, &defaults, &path, &value, &mut errors, &name),
+            None => errors.push(format!("{name}: no such setting")),
+        }
+    }
+
+    for (key, value) in overrides {
+        let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+        if lookup(&defaults, &path).is_none() {
+            errors.push(format!("{key}: no such setting"));
+            continue;
+        }
+        set(&mut tree, &defaults, &path, value, &mut errors, key);
+    }
+
+    // Deserialise section by section so that one bad section does not hide the others.
+    let mut config = Config::default();
+    if let Value::Object(sections) = tree {
+        for (name, value) in sections {
+            if let Err(e) = config.set_section(&name, value) {
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    if config.node.name.is_empty() {
+        config.node.name = std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|n| n.trim().to_owned())
+            .unwrap_or_else(|| "unknown".to_owned());
+    }
+    errors.extend(config.validate());
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+impl Config {
+    fn set_section(&mut self, name: &str, value: Value) -> Result<(), serde_json::Error> {
+        use serde_json::from_value as v;
+        match name {
+            "node" => self.node = v(value)?,
+            "registry" => self.registry = v(value)?,
+            "mirror" => self.mirror = v(value)?,
+            "metrics" => self.metrics = v(value)?,
+            "containerd" => self.containerd = v(value)?,
+            "routing" => self.routing = v(value)?,
+            "sync" => self.sync = v(value)?,
+            "hosts" => self.hosts = v(value)?,
+            "log" => self.log = v(value)?,
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown section {other:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every problem across sections, including the ones that span sections.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        errors.extend(self.mirror.validate());
+        errors.extend(self.containerd.validate());
+        errors.extend(self.routing.validate());
+        errors.extend(self.sync.validate());
+        errors.extend(self.hosts.validate());
+        if !matches!(self.log.format.as_str(), "json" | "text") {
+            errors.push(format!("log.format must be json or text, got {:?}", self.log.format));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            errors.push(format!("log.level {:?} is not a valid filter", self.log.level));
+        }
+        if self.registry.mirror_listen == self.registry.peer_listen {
+            errors.push("registry.mirror_listen and registry.peer_listen must differ".to_owned());
+        }
+        if self.registry.peer_listen.port() != self.routing.registry_port {
+            errors.push(format!(
+                "registry.peer_listen port {} must equal routing.registry_port {}: peers connect to that port",
+                self.registry.peer_listen.port(),
+                self.routing.registry_port
+            ));
+        }
+        if self.registry.drain_grace > Duration::from_secs(600) {
+            errors.push("registry.drain_grace must be at most 10m".to_owned());
+        }
+        errors
+    }
+}
+
+/// Deep-merges `overlay` into `base`: mappings merge, everything else replaces.
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn lookup<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(tree, |node, key| node.get(key))
+}
+
+/// Maps `[routing, bootstrap, peers]`-style tokens (from `SPECULUM_ROUTING_BOOTSTRAP_PEERS`)
+/// to a key path, joining tokens with `_` where a key contains underscores.
+fn find_path(tree: &Value, tokens: &[String]) -> Option<Vec<String>> {
+    if tokens.is_empty() {
+        return Some(Vec::new());
+    }
+    let Value::Object(map) = tree else {
+        return None;
+    };
+    for take in (1..=tokens.len()).rev() {
+        let key = tokens[..take].join("_");
+        if let Some(child) = map.get(&key)
+            && let Some(mut rest) = find_path(child, &tokens[take..])
+        {
+            rest.insert(0, key);
+            return Some(rest);
+        }
+    }
+    None
+}
+
+/// Sets a string value at `path`, typed after the default found there: lists split on
+/// commas, booleans and numbers parsed, everything else kept as a string.
+fn set(
+    tree: &mut Value,
+    defaults: &Value,
+    path: &[String],
+    raw: &str,
+    errors: &mut Vec<String>,
+    origin: &str,
+) {
+    let value = match lookup(defaults, path) {
+        Some(Value::Array(_)) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        ),
+        Some(Value::Bool(_)) => match raw {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            _ => {
+                errors.push(format!("{origin}: expected true or false, got {raw:?}"));
+                return;
+            }
+        },
+        Some(Value::Number(_)) => match raw.parse::<serde_json::Number>() {
+            Ok(n) => Value::Number(n),
+            Err(_) => {
+                errors.push(format!("{origin}: expected a number, got {raw:?}"));
+                return;
+            }
+        },
+        Some(Value::Object(_)) => {
+            errors.push(format!("{origin}: names a section, not a setting"));
+            return;
+        }
+        _ => Value::String(raw.to_owned()),
+    };
+    let mut node = tree;
+    for key in &path[..path.len() - 1] {
+        if !node.is_object() {
+            *node = Value::Object(Map::new());
+        }
+        let Value::Object(map) = node else { return };
+        node = map.entry(key.clone()).or_insert(Value::Object(Map::new()));
+    }
+    if let (Value::Object(map), Some(last)) = (node, path.last()) {
+        map.insert(last.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            "registry:\n  mirror_listen: 127.0.0.1:6000\n  peer_listen: 0.0.0.0:6001\nrouting:\n  registry_port: 6001\nmirror:\n  attempts: 5\n",
+        )
+        .expect("write");
+        let cfg = load(
+            Some(&file),
+            env(&[
+                ("SPECULUM_MIRROR_ATTEMPTS", "4"),
+                ("SPECULUM_HOSTS_MIRRORED_REGISTRIES", "https://a.io, http://127.0.0.1:5000"),
+                ("SPECULUM_BIN", "target/debug/speculum"),
+                ("PATH", "/bin"),
+            ]),
+            &[("mirror.resolve_timeout".into(), "50ms".into())],
+        )
+        .expect("valid");
+        assert_eq!(cfg.registry.mirror_listen, "127.0.0.1:6000".parse().expect("addr"));
+        assert_eq!(cfg.mirror.attempts, 4, "env beats file");
+        assert_eq!(cfg.mirror.resolve_timeout, Duration::from_millis(50), "flag applied");
+        assert_eq!(
+            cfg.hosts.mirrored_registries,
+            vec!["https://a.io".to_owned(), "http://127.0.0.1:5000".to_owned()]
+        );
+        assert_eq!(cfg.registry.drain_grace, Duration::from_secs(20), "default kept");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.yaml");
+        std::fs::write(&file, "registry:\n  mirror_listen: nope\nlog:\n  format: xml\nbogus: 1\n")
+            .expect("write");
+        let err = load(
+            Some(&file),
+            env(&[("SPECULUM_MIRROR_ATTEMPTS", "many"), ("SPECULUM_MIRROR_NOPE", "1")]),
+            &[("mirror.unknown".into(), "1".into())],
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for want in [
+            "SPECULUM_MIRROR_ATTEMPTS",
+            "SPECULUM_MIRROR_NOPE",
+            "mirror.unknown",
+            "registry:",
+            "bogus",
+            "log.format",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn nested_env_keys_resolve_through_underscores() {
+        let defaults = serde_json::to_value(Config::default()).expect("defaults");
+        let tokens: Vec<String> = ["registry", "mirror", "listen"].map(String::from).to_vec();
+        assert_eq!(
+            find_path(&defaults, &tokens),
+            Some(vec!["registry".to_owned(), "mirror_listen".to_owned()])
+        );
+    }
+}

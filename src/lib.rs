@@ -21,6 +21,7 @@ pub mod config;
 pub mod hosts;
 pub mod metrics;
 pub mod oci;
+pub mod readiness;
 pub mod registry;
 pub mod routing;
 pub mod shutdown;

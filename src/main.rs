@@ -1,1 +1,253 @@
-fn main() {}
+//! `speculum`: flags → config → telemetry → the chosen command.
+//!
+//! - `speculum registry`: run the daemon (see `speculum::app`).
+//! - `speculum configure` / `speculum cleanup`: write or restore containerd's hosts.toml.
+//! - `speculum config`: print the effective configuration after every layer.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use speculum::config::{self, Config};
+
+#[derive(Debug, Parser)]
+#[command(name = "speculum", version, about = "Peer-to-peer OCI registry mirror for containerd nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: mirror endpoint for containerd, peer endpoint, DHT, metrics.
+    Registry(ConfigArgs),
+    /// Point containerd at this node's mirror: write certs.d/<registry>/hosts.toml (with a
+    /// byte-for-byte backup of what was there).
+    Configure(ConfigArgs),
+    /// Undo `configure`: restore every backed-up hosts.toml byte for byte.
+    Cleanup(ConfigArgs),
+    /// Print the effective configuration (defaults, file, environment, flags) as YAML.
+    Config(ConfigArgs),
+}
+
+/// Settings shared by every command. Each flag is a shortcut for one `--set section.key=`.
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// YAML configuration file.
+    #[arg(long, env = "SPECULUM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Any setting as SECTION.KEY=VALUE (lists comma-separated); repeatable.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Kubernetes node name (node.name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// containerd-facing mirror endpoint (registry.mirror_listen).
+    #[arg(long)]
+    mirror_listen: Option<String>,
+    /// Endpoint other daemons fetch from (registry.peer_listen).
+    #[arg(long)]
+    peer_listen: Option<String>,
+    /// Metrics and health endpoint (metrics.listen).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// containerd socket (containerd.socket).
+    #[arg(long)]
+    containerd_socket: Option<String>,
+    /// containerd namespace (containerd.namespace).
+    #[arg(long)]
+    containerd_namespace: Option<String>,
+    /// containerd content store directory for the fast path (containerd.content_dir).
+    #[arg(long)]
+    content_dir: Option<String>,
+    /// libp2p listen multiaddr (routing.listen).
+    #[arg(long)]
+    p2p_listen: Option<String>,
+    /// Directory for the peer identity (routing.data_dir).
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Bootstrap peer multiaddr; repeatable (routing.bootstrap.peers).
+    #[arg(long = "bootstrap-peer")]
+    bootstrap_peers: Vec<String>,
+    /// Bootstrap DNS name host:port (routing.bootstrap.dns).
+    #[arg(long)]
+    bootstrap_dns: Option<String>,
+    /// Port of every node's peer endpoint (routing.registry_port).
+    #[arg(long)]
+    registry_port: Option<String>,
+    /// Wait for the first peer of a lookup (mirror.resolve_timeout).
+    #[arg(long)]
+    resolve_timeout: Option<String>,
+    /// Peers tried per request (mirror.attempts).
+    #[arg(long)]
+    mirror_attempts: Option<String>,
+    /// Registry to mirror, as a URL; repeatable (hosts.mirrored_registries).
+    #[arg(long = "mirrored-registry")]
+    mirrored_registries: Vec<String>,
+    /// containerd's hosts directory (hosts.certs_dir).
+    #[arg(long)]
+    certs_dir: Option<String>,
+    /// URL containerd uses to reach this daemon (hosts.mirror_endpoint).
+    #[arg(long)]
+    mirror_endpoint: Option<String>,
+    /// Keep existing hosts.toml mirrors after ours (hosts.prepend_existing).
+    #[arg(long)]
+    prepend_existing: bool,
+    /// Log format json|text (log.format).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Log filter, e.g. info (log.level).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl ConfigArgs {
+    /// The flags as `section.key=value` overrides, in a fixed order, `--set` last.
+    fn overrides(&self) -> Result<Vec<(String, String)>, String> {
+        let mut out = Vec::new();
+        let mut one = |key: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                out.push((key.to_owned(), v.clone()));
+            }
+        };
+        one("node.name", &self.node_name);
+        one("registry.mirror_listen", &self.mirror_listen);
+        one("registry.peer_listen", &self.peer_listen);
+        one("metrics.listen", &self.metrics_listen);
+        one("containerd.socket", &self.containerd_socket);
+        one("containerd.namespace", &self.containerd_namespace);
+        one("containerd.content_dir", &self.content_dir);
+        one("routing.listen", &self.p2p_listen);
+        one("routing.data_dir", &self.data_dir);
+        one("routing.bootstrap.dns", &self.bootstrap_dns);
+        one("routing.registry_port", &self.registry_port);
+        one("mirror.resolve_timeout", &self.resolve_timeout);
+        one("mirror.attempts", &self.mirror_attempts);
+        one("hosts.certs_dir", &self.certs_dir);
+        one("hosts.mirror_endpoint", &self.mirror_endpoint);
+        one("log.format", &self.log_format);
+        one("log.level", &self.log_level);
+        let mut list = |key: &str, v: &[String]| {
+            if !v.is_empty() {
+                out.push((key.to_owned(), v.join(",")));
+            }
+        };
+        list("routing.bootstrap.peers", &self.bootstrap_peers);
+        list("hosts.mirrored_registries", &self.mirrored_registries);
+        if self.prepend_existing {
+            out.push(("hosts.prepend_existing".to_owned(), "true".to_owned()));
+        }
+        for s in &self.set {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| format!("--set {s:?}: expected SECTION.KEY=VALUE"))?;
+            out.push((k.to_owned(), v.to_owned()));
+        }
+        Ok(out)
+    }
+
+    fn load(&self) -> Result<Config, String> {
+        let overrides = self.overrides()?;
+        config::load(self.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
+    }
+}
+
+fn init_logging(cfg: &config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.format == "json" {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let args = match &cli.command {
+        Command::Registry(a) | Command::Configure(a) | Command::Cleanup(a) | Command::Config(a) => a,
+    };
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("speculum: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Config(_) => match yaml_serde::to_string(&config) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("speculum: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Configure(_) => report(speculum::hosts::configure(&config.hosts)),
+        Command::Cleanup(_) => report(speculum::hosts::cleanup(&config.hosts)),
+        Command::Registry(_) => {
+            init_logging(&config.log);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("speculum: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run_daemon(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "speculum failed");
+                    eprintln!("speculum: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run_daemon(config: Config) -> anyhow::Result<()> {
+    let (trigger, stop) = speculum::shutdown::channel();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received");
+        trigger.fire();
+    });
+    speculum::app::run(config, stop).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the daemon can only be killed; say so and wait forever
+            // rather than shutting down at once.
+            eprintln!("speculum: cannot install signal handlers");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+fn report(result: Result<speculum::hosts::Report, speculum::hosts::HostsError>) -> ExitCode {
+    match result {
+        Ok(r) => {
+            print!("{r}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("speculum: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,175 @@
-//! TODO
+//! The daemon's Prometheus metrics: one owned registry (no globals), built by the composition
+//! root and handed to the parts that record into it, and the `/metrics` text encoder.
+//!
+//! Names follow `speculum_<subsystem>_<what>_<unit>`. Label values are small fixed sets
+//! (handler, kind, source, status class) so cardinality stays bounded whatever clients send.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::EncodeLabelValue;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Which listener handled a request.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Handler {
+    /// The containerd-facing mirror endpoint.
+    Mirror,
+    /// The endpoint other daemons fetch from.
+    Peer,
+}
+
+/// Where the bytes of a response came from.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Source {
+    /// This node's containerd content store.
+    Local,
+    /// Another node, through the peer endpoint.
+    Peer,
+}
+
+/// Outcome of a mirror request.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// Served from this node's store.
+    Local,
+    /// Served from another node.
+    Peer,
+    /// Nobody had it: 404, containerd goes upstream.
+    Miss,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub handler: Handler,
+    pub kind: &'static str,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub kind: &'static str,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub handler: Handler,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerFailureLabels {
+    pub reason: &'static str,
+}
+
+/// Every metric the daemon records. Cheap to clone (each metric is an `Arc` inside).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram>,
+    pub mirror: Family<MirrorLabels, Counter>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub peer_failures: Family<PeerFailureLabels, Counter>,
+    pub resumes: Counter,
+    pub lookup_duration: Histogram,
+    pub advertised_keys: Gauge,
+    pub peers: Gauge,
+    pub ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("speculum");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Registry API requests by listener, kind, method and status",
+            requests.clone(),
+        );
+        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to response headers of registry API requests",
+            request_duration.clone(),
+        );
+        let mirror = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "mirror_requests",
+            "Mirror requests by kind and outcome (local hit, peer hit, miss)",
+            mirror.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "served_bytes",
+            "Bytes of manifests and blobs sent, by listener and source",
+            bytes.clone(),
+        );
+        let peer_failures = Family::<PeerFailureLabels, Counter>::default();
+        registry.register(
+            "mirror_peer_failures",
+            "Failed attempts to fetch from a peer, by reason",
+            peer_failures.clone(),
+        );
+        let resumes = Counter::default();
+        registry.register(
+            "mirror_resumes",
+            "Blob streams resumed from another peer after a break",
+            resumes.clone(),
+        );
+        let lookup_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "routing_lookup_duration_seconds",
+            "Time from lookup start to the first peer found",
+            lookup_duration.clone(),
+        );
+        let advertised_keys = Gauge::default();
+        registry.register(
+            "routing_advertised_keys",
+            "Keys (digests and tags) this node advertises",
+            advertised_keys.clone(),
+        );
+        let peers = Gauge::default();
+        registry.register("routing_peers", "Connected DHT peers", peers.clone());
+        let ready = Gauge::default();
+        registry.register("ready", "1 when the daemon reports ready", ready.clone());
+        Metrics {
+            registry: Arc::new(registry),
+            requests,
+            request_duration,
+            mirror,
+            bytes,
+            peer_failures,
+            resumes,
+            lookup_duration,
+            advertised_keys,
+            peers,
+            ready,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail except on a formatter error, which would be a bug
+        // in prometheus-client; an empty page is the safe answer then.
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -40,7 +40,9 @@ struct Probe {
     schema_version: Option<serde_json::Value>,
     #[serde(default)]
     manifests: Option<Vec<ChildDescriptor>>,
-    #[serde(default)]
+    // An image config also has a `config` key (the container config, not a descriptor);
+    // it must not make the whole probe fail, or real configs are never detected.
+    #[serde(default, deserialize_with = "descriptor_or_none")]
     config: Option<ChildDescriptor>,
     #[serde(default)]
     layers: Option<Vec<ChildDescriptor>>,
@@ -50,6 +52,13 @@ struct Probe {
     subject: Option<ChildDescriptor>,
     #[serde(default)]
     rootfs: Option<serde_json::Value>,
+}
+
+fn descriptor_or_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ChildDescriptor>, D::Error> {
+    let v = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
 }
 
 /// A descriptor inside a manifest or index.
@@ -142,6 +151,12 @@ mod tests {
             (
                 "config",
                 r#"{"architecture":"amd64","rootfs":{"type":"layers"}}"#.into(),
+                OCI_CONFIG,
+            ),
+            (
+                "config with container config",
+                r#"{"architecture":"amd64","config":{"Cmd":["sh"]},"rootfs":{"type":"layers"}}"#
+                    .into(),
                 OCI_CONFIG,
             ),
             (

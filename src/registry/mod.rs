@@ -1,1 +1,441 @@
-//! TODO
+//! The HTTP side of the daemon: the OCI distribution *pull* API, served on two listeners.
+//!
+//! - The **mirror endpoint** (containerd-facing, loopback by default) serves from the node's
+//!   store and, on a miss, from peers ([`mirror`]); when nobody has the content it answers 404
+//!   so containerd falls back to the next host in `hosts.toml` and finally upstream.
+//! - The **peer endpoint** serves other daemons from this node's store only, never from
+//!   further peers, so a request can never loop around the cluster.
+//!
+//! Requests are parsed into a [`PullRequest`] up front (bad input is a 4xx before anything is
+//! looked up); [`serve`] writes successful responses; [`error`] is the only place errors
+//! become responses. Every request is counted and logged once, with the bytes really sent.
+
+pub mod error;
+pub mod mirror;
+pub mod serve;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router as HttpRouter;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::metrics::{Handler, Metrics, MirrorLabels, Outcome, RequestLabels};
+use crate::oci::path::{PathError, parse_ns, parse_v2_path};
+use crate::oci::range::parse_range;
+use crate::oci::{Kind, Reference, Target, V2Path};
+use crate::readiness::Readiness;
+use crate::store::Store;
+pub use error::RegistryError;
+pub use mirror::{Mirror, MirrorConfig};
+
+/// Sent on every request from one daemon to another. A mirror endpoint that receives it
+/// serves from its own store only (loop prevention, in addition to the separate peer port).
+pub const HOP_HEADER: &str = "x-speculum-hop";
+
+/// A parsed, validated pull request.
+#[derive(Debug, Clone)]
+pub struct PullRequest {
+    pub head: bool,
+    pub path: V2Path,
+    /// The upstream registry (`ns` query parameter containerd adds for mirrors).
+    pub ns: Option<String>,
+    /// The raw `Range` header, syntax already checked.
+    pub range: Option<String>,
+    /// True when another daemon sent this request.
+    pub hop: bool,
+    pub client: SocketAddr,
+}
+
+impl PullRequest {
+    /// Parses method, URI and headers. Errors are the client's fault and become 4xx.
+    pub fn parse(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        client: SocketAddr,
+    ) -> Result<PullRequest, RegistryError> {
+        let head = match *method {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return Err(RegistryError::MethodNotAllowed),
+        };
+        let path = parse_v2_path(uri.path())?;
+        let ns = query_ns(uri.query())?;
+        let range = match headers.get(http::header::RANGE) {
+            None => None,
+            Some(v) => {
+                let v = v.to_str().map_err(|_| RegistryError::Range {
+                    source: crate::oci::range::RangeError::Malformed,
+                    size: 0,
+                })?;
+                // Syntax is checked now; satisfiability once the size is known.
+                if let Err(
+                    e @ (crate::oci::range::RangeError::Malformed
+                    | crate::oci::range::RangeError::MultipleRanges),
+                ) = parse_range(v, u64::MAX)
+                {
+                    return Err(RegistryError::Range { source: e, size: 0 });
+                }
+                Some(v.to_owned())
+            }
+        };
+        Ok(PullRequest {
+            head,
+            path,
+            ns,
+            range,
+            hop: headers.contains_key(HOP_HEADER),
+            client,
+        })
+    }
+
+    /// The routing key: the digest, or `registry/repository:tag` for a tag (which needs `ns`).
+    pub fn key(&self) -> Option<String> {
+        match &self.path.target {
+            Target::Digest(d) => Some(d.to_string()),
+            Target::Tag(t) => self
+                .ns
+                .as_deref()
+                .map(|ns| Reference::tag_key(ns, &self.path.name, t)),
+        }
+    }
+
+    /// The path and query to send to a peer for the same object.
+    pub fn peer_path(&self) -> String {
+        let kind = match self.path.kind {
+            Kind::Manifest => "manifests",
+            Kind::Blob => "blobs",
+        };
+        let mut p = format!("/v2/{}/{kind}/{}", self.path.name, self.path.target);
+        if let Some(ns) = &self.ns {
+            // `ns` was validated as host[:port] or [v6]:port, so only these need escaping.
+            let enc = ns
+                .replace(':', "%3A")
+                .replace('[', "%5B")
+                .replace(']', "%5D");
+            p.push_str("?ns=");
+            p.push_str(&enc);
+        }
+        p
+    }
+
+    fn not_found(&self) -> RegistryError {
+        match self.path.kind {
+            Kind::Manifest => RegistryError::ManifestUnknown,
+            Kind::Blob => RegistryError::BlobUnknown,
+        }
+    }
+}
+
+/// Extracts and validates the single `ns` parameter. Other parameters are ignored.
+fn query_ns(query: Option<&str>) -> Result<Option<String>, RegistryError> {
+    let mut ns = None;
+    for pair in query.unwrap_or("").split('&') {
+        let Some(value) = pair.strip_prefix("ns=") else {
+            continue;
+        };
+        if ns.is_some() {
+            return Err(PathError::NsInvalid.into());
+        }
+        let decoded = percent_decode(value).ok_or(PathError::NsInvalid)?;
+        parse_ns(&decoded)?;
+        ns = Some(decoded);
+    }
+    Ok(ns)
+}
+
+/// Decodes `%XX` escapes; `None` for a broken escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// What one listener needs to answer requests.
+#[derive(Clone)]
+pub struct RegistryState {
+    pub store: Arc<dyn Store>,
+    /// `Some` on the mirror endpoint, `None` on the peer endpoint (local content only).
+    pub mirror: Option<Arc<Mirror>>,
+    pub metrics: Metrics,
+    pub readiness: Readiness,
+    pub handler: Handler,
+}
+
+/// The containerd-facing or peer-facing app (which one is decided by `state.mirror` and
+/// `state.handler`). Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn app(state: RegistryState) -> HttpRouter {
+    HttpRouter::new()
+        .route("/v2", get(v2_root))
+        .route("/v2/", get(v2_root))
+        .route("/readyz", get(readyz))
+        .route("/livez", get(|| async { "ok\n" }))
+        .fallback(pull)
+        .with_state(state)
+}
+
+/// `GET /v2/`: the API version check (distribution spec, "Determining support").
+async fn v2_root() -> impl IntoResponse {
+    (
+        [
+            ("content-type", "application/json"),
+            ("docker-distribution-api-version", "registry/2.0"),
+        ],
+        "{}",
+    )
+}
+
+pub(crate) async fn readyz(State(state): State<RegistryState>) -> Response {
+    readiness_response(&state.readiness)
+}
+
+/// `/readyz` body and status for a readiness latch.
+pub fn readiness_response(readiness: &Readiness) -> Response {
+    let status = if readiness.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, readiness.detail()).into_response()
+}
+
+async fn pull(
+    State(state): State<RegistryState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let method_label = if method == Method::HEAD {
+        "HEAD"
+    } else {
+        "GET"
+    };
+    let (response, kind, outcome) = match PullRequest::parse(&method, &uri, &headers, client) {
+        Err(e) => {
+            tracing::debug!(client.addr = %client, path = uri.path(), error = %e, "bad request");
+            (e.into_response(), "invalid", None)
+        }
+        Ok(req) => {
+            let kind = req.path.kind.as_str();
+            let (response, outcome) = state.answer(req, started).await;
+            (response, kind, Some(outcome))
+        }
+    };
+    let labels = RequestLabels {
+        handler: state.handler,
+        kind,
+        method: method_label,
+        status: response.status().as_u16(),
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(outcome) = outcome
+        && state.handler == Handler::Mirror
+    {
+        state
+            .metrics
+            .mirror
+            .get_or_create(&MirrorLabels { kind, outcome })
+            .inc();
+    }
+    response
+}
+
+impl RegistryState {
+    /// Answers a valid request: local store first, then peers (mirror endpoint only, and never
+    /// for a request that already came from a peer), else 404.
+    async fn answer(&self, req: PullRequest, started: Instant) -> (Response, Outcome) {
+        let log = serve::AccessLog::new(&req, self.handler, started);
+        let digest = match &req.path.target {
+            Target::Digest(d) => Some(d.clone()),
+            // A tag means nothing without its registry: answer 404, never 5xx.
+            Target::Tag(tag) => match &req.ns {
+                None => None,
+                Some(ns) => match self.store.resolve(ns, &req.path.name, tag).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(error = %e, registry = %ns, "store resolve failed; trying peers");
+                        None
+                    }
+                },
+            },
+        };
+        if let Some(digest) = digest {
+            match serve::local(self, &req, &digest, log.clone()).await {
+                Ok(Some(response)) => return (response, Outcome::Local),
+                Ok(None) => {}
+                Err(e) => {
+                    log.finish(e.status(), 0, "local");
+                    return (e.into_response(), Outcome::Miss);
+                }
+            }
+        }
+        if let (Some(mirror), false) = (&self.mirror, req.hop)
+            && let Some(key) = req.key()
+        {
+            match mirror.fetch(&key, &req, self, log.clone()).await {
+                Ok(Some(response)) => return (response, Outcome::Peer),
+                Ok(None) => {}
+                Err(e) => {
+                    log.finish(e.status(), 0, "peer");
+                    return (e.into_response(), Outcome::Miss);
+                }
+            }
+        }
+        let e = req.not_found();
+        log.finish(e.status(), 0, "none");
+        (e.into_response(), Outcome::Miss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(method: Method, uri: &str, range: Option<&str>) -> Result<PullRequest, String> {
+        let mut headers = HeaderMap::new();
+        if let Some(r) = range {
+            headers.insert(http::header::RANGE, r.parse().map_err(|_| "hdr")?);
+        }
+        let uri: Uri = uri.parse().map_err(|e| format!("{e}"))?;
+        PullRequest::parse(&method, &uri, &headers, ([127, 0, 0, 1], 1).into())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn request_table() {
+        let d = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let cases: Vec<(&str, Method, String, Option<&str>, Result<Option<&str>, ()>)> = vec![
+            (
+                "ns decoded",
+                Method::GET,
+                "/v2/a/manifests/t?ns=127.0.0.1%3A5000".into(),
+                None,
+                Ok(Some("127.0.0.1:5000")),
+            ),
+            (
+                "no ns",
+                Method::HEAD,
+                format!("/v2/a/blobs/{d}"),
+                None,
+                Ok(None),
+            ),
+            (
+                "other params ignored",
+                Method::GET,
+                "/v2/a/manifests/t?x=1&ns=docker.io".into(),
+                None,
+                Ok(Some("docker.io")),
+            ),
+            (
+                "two ns",
+                Method::GET,
+                "/v2/a/manifests/t?ns=a.io&ns=b.io".into(),
+                None,
+                Err(()),
+            ),
+            (
+                "bad ns",
+                Method::GET,
+                "/v2/a/manifests/t?ns=a%2Fb".into(),
+                None,
+                Err(()),
+            ),
+            (
+                "broken escape",
+                Method::GET,
+                "/v2/a/manifests/t?ns=a%2".into(),
+                None,
+                Err(()),
+            ),
+            (
+                "non-utf8 ns",
+                Method::GET,
+                "/v2/a/manifests/t?ns=%ff".into(),
+                None,
+                Err(()),
+            ),
+            (
+                "post",
+                Method::POST,
+                "/v2/a/blobs/uploads/".into(),
+                None,
+                Err(()),
+            ),
+            (
+                "delete",
+                Method::DELETE,
+                format!("/v2/a/blobs/{d}"),
+                None,
+                Err(()),
+            ),
+            (
+                "range ok",
+                Method::GET,
+                format!("/v2/a/blobs/{d}"),
+                Some("bytes=5-"),
+                Ok(None),
+            ),
+            (
+                "multi range",
+                Method::GET,
+                format!("/v2/a/blobs/{d}"),
+                Some("bytes=0-1,4-5"),
+                Err(()),
+            ),
+            (
+                "inverted range",
+                Method::GET,
+                format!("/v2/a/blobs/{d}"),
+                Some("bytes=5-1"),
+                Err(()),
+            ),
+        ];
+        for (name, method, uri, range, want) in cases {
+            let got = parse(method, &uri, range);
+            match want {
+                Ok(ns) => {
+                    let req = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+                    assert_eq!(req.ns.as_deref(), ns, "{name}");
+                }
+                Err(()) => assert!(got.is_err(), "{name}: expected an error"),
+            }
+        }
+    }
+
+    #[test]
+    fn keys_and_peer_paths() {
+        let req = parse(
+            Method::GET,
+            "/v2/rig/x/manifests/v1?ns=10.0.0.2%3A5000",
+            None,
+        )
+        .expect("valid");
+        assert_eq!(req.key().as_deref(), Some("10.0.0.2:5000/rig/x:v1"));
+        assert_eq!(req.peer_path(), "/v2/rig/x/manifests/v1?ns=10.0.0.2%3A5000");
+        let no_ns = parse(Method::GET, "/v2/rig/x/manifests/v1", None).expect("valid");
+        assert_eq!(no_ns.key(), None, "a tag without ns has no key");
+    }
+}

@@ -5,6 +5,7 @@
 //! [`memory::MemoryRouter`] (the twin for unit tests), held to one [`conformance`] suite.
 //! [`sync`] keeps the advertised keys in step with the store.
 
+pub mod bootstrap;
 pub mod conformance;
 pub mod kademlia;
 pub mod memory;

@@ -1,1 +1,266 @@
+//! Keeps what this node advertises in step with what its store holds.
+//!
+//! containerd 1.6 emits image events but no content events, so the loop reconciles on every
+//! image event (debounced: one pull emits several) and also periodically, and after every
+//! re-subscription (events may have been missed while disconnected). A reconcile computes
+//! the wanted keys — each image's tag key and every digest of its closure — and advertises or
+//! withdraws the difference. A store that cannot be read keeps the current set: a containerd
+//! restart must not make the node vanish from the cluster. On shutdown everything is
+//! withdrawn.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use super::Router;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use crate::shutdown::Shutdown;
+use crate::store::{Image, Store, StoreError, StoreEvent, closure};
+
+/// Settings of the advertisement loop (`sync:` config section).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Full reconcile interval, in addition to event-driven ones.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// Quiet time after an image event before reconciling, to batch the events of one pull.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            reconcile_interval: Duration::from_secs(60),
+            debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+impl SyncConfig {
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.reconcile_interval < Duration::from_secs(1) {
+            errors.push("sync.reconcile_interval must be at least 1s".to_owned());
+        }
+        if self.debounce > Duration::from_secs(10) {
+            errors.push("sync.debounce must be at most 10s".to_owned());
+        }
+        errors
+    }
+}
+
+/// Decides whether an image may be advertised (the policy hook; everything by default).
+pub type ImageFilter = Arc<dyn Fn(&Image) -> bool + Send + Sync>;
+
+/// The advertisement loop. Build it, then `run` it until shutdown.
+pub struct Advertiser {
+    store: Arc<dyn Store>,
+    router: Arc<dyn Router>,
+    config: SyncConfig,
+    filter: ImageFilter,
+    metrics: Metrics,
+    readiness: Readiness,
+    advertised: BTreeSet<String>,
+}
+
+const READINESS_PART: &str = "store";
+
+impl Advertiser {
+    pub fn new(
+        store: Arc<dyn Store>,
+        router: Arc<dyn Router>,
+        config: SyncConfig,
+        metrics: Metrics,
+        readiness: Readiness,
+    ) -> Advertiser {
+        readiness.block(READINESS_PART, "first reconcile pending");
+        Advertiser {
+            store,
+            router,
+            config,
+            filter: Arc::new(|_| true),
+            metrics,
+            readiness,
+            advertised: BTreeSet::new(),
+        }
+    }
+
+    /// Only images the filter accepts are advertised (what may not be served is not
+    /// advertised either).
+    pub fn with_filter(mut self, filter: ImageFilter) -> Advertiser {
+        self.filter = filter;
+        self
+    }
+
+    /// The keys advertised now (for tests and the debug view).
+    pub fn advertised(&self) -> &BTreeSet<String> {
+        &self.advertised
+    }
+
+    /// Runs until `shutdown`, then withdraws every advertised key.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        let mut ticker = tokio::time::interval(self.config.reconcile_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events: Option<BoxStream<'static, StoreEvent>> = None;
+        let mut backoff = Backoff::new();
+        let mut dirty = true;
+        let stop = shutdown.clone().wait();
+        tokio::pin!(stop);
+        loop {
+            if events.is_none() && backoff.due() {
+                match self.store.watch().await {
+                    Ok(stream) => {
+                        events = Some(stream);
+                        backoff.reset();
+                        dirty = true; // events may have been missed while unsubscribed
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching store events failed; retrying");
+                        backoff.failed();
+                    }
+                }
+            }
+            if dirty {
+                self.reconcile().await;
+                dirty = false;
+            }
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = ticker.tick() => dirty = true,
+                _ = backoff.sleep(), if events.is_none() => {}
+                event = next(&mut events) => match event {
+                    Some(event) => {
+                        tracing::debug!(?event, "store event");
+                        self.debounce(&mut events).await;
+                        dirty = true;
+                    }
+                    None => {
+                        tracing::info!("store event stream ended; re-subscribing");
+                        events = None;
+                    }
+                },
+            }
+        }
+        self.withdraw_all().await;
+    }
+
+    /// Swallows further events until `debounce` passes without one.
+    async fn debounce(&self, events: &mut Option<BoxStream<'static, StoreEvent>>) {
+        while let Ok(Some(_)) = tokio::time::timeout(self.config.debounce, next(events)).await {}
+    }
+
+    /// Computes the wanted keys and advertises/withdraws the difference.
+    pub async fn reconcile(&mut self) {
+        let wanted = match self.wanted().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the store failed; keeping current advertisements");
+                self.readiness
+                    .block(READINESS_PART, format!("store unreadable: {e}"));
+                return;
+            }
+        };
+        self.readiness.release(READINESS_PART);
+        let add: Vec<String> = wanted.difference(&self.advertised).cloned().collect();
+        let remove: Vec<String> = self.advertised.difference(&wanted).cloned().collect();
+        if !add.is_empty() {
+            match self.router.advertise(add.clone()).await {
+                Ok(()) => self.advertised.extend(add.iter().cloned()),
+                Err(e) => tracing::warn!(error = %e, "advertise failed"),
+            }
+        }
+        if !remove.is_empty() {
+            match self.router.withdraw(remove.clone()).await {
+                Ok(()) => {
+                    for k in &remove {
+                        self.advertised.remove(k);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "withdraw failed"),
+            }
+        }
+        self.metrics
+            .advertised_keys
+            .set(self.advertised.len() as i64);
+        if !add.is_empty() || !remove.is_empty() {
+            tracing::info!(
+                added = add.len(),
+                removed = remove.len(),
+                total = self.advertised.len(),
+                "advertisements reconciled"
+            );
+        }
+    }
+
+    async fn wanted(&self) -> Result<BTreeSet<String>, StoreError> {
+        let mut wanted = BTreeSet::new();
+        for image in self.store.images().await? {
+            if !(self.filter)(&image) {
+                continue;
+            }
+            let digests = closure(self.store.as_ref(), &image.digest).await?;
+            if digests.is_empty() {
+                continue; // an image record whose content is gone
+            }
+            wanted.extend(image.tag_key());
+            wanted.extend(digests.iter().map(ToString::to_string));
+        }
+        Ok(wanted)
+    }
+
+    async fn withdraw_all(&mut self) {
+        let all: Vec<String> = std::mem::take(&mut self.advertised).into_iter().collect();
+        if all.is_empty() {
+            return;
+        }
+        let n = all.len();
+        if let Err(e) = self.router.withdraw(all).await {
+            tracing::warn!(error = %e, "withdrawing on shutdown failed");
+        }
+        self.metrics.advertised_keys.set(0);
+        tracing::info!(keys = n, "withdrew all advertisements");
+    }
+}
+
+/// The next event, or pending forever when not subscribed (so `select!` ignores it).
+async fn next(events: &mut Option<BoxStream<'static, StoreEvent>>) -> Option<StoreEvent> {
+    match events {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff for re-subscribing: 0.5 s doubling to 30 s.
+struct Backoff {
+    delay: Duration,
+    at: tokio::time::Instant,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            delay: Duration::from_millis(500),
+            at: tokio::time::Instant::now(),
+        }
+    }
+    fn due(&self) -> bool {
+        tokio::time::Instant::now() >= self.at
+    }
+    fn reset(&mut self) {
+        self.delay = Duration::from_millis(500);
+    }
+    fn failed(&mut self) {
+        self.at = tokio::time::Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(Duration::from_secs(30));
+    }
+    async fn sleep(&self) {
+        tokio::time::sleep_until(self.at).await
+    }
+}

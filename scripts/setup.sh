@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need, and nothing else. Idempotent: a second run
+# only checks. Debian packages through apt; Go tools through the Go module proxy, pinned.
+set -euo pipefail
+
+APT_PACKAGES=(
+  containerd        # the real container runtime the daemon reads from (1.6 on Debian 12)
+  runc              # containerd's runtime (pulled in by containerd, named for clarity)
+  docker-registry   # the CNCF distribution registry: upstream in the rig
+  skopeo            # pushes the test images
+  protobuf-compiler # containerd-client's build script needs protoc
+  iproute2          # ip netns / veth / tc for the namespace rig
+  curl jq           # talking to metrics endpoints inside namespaces
+  python3           # the deterministic image generator
+  apache2-utils     # htpasswd for the webhook's private-registry tests
+)
+
+# Go tools: name → install target (pinned versions).
+GO_TOOLS=(
+  "crictl sigs.k8s.io/cri-tools/cmd/crictl@v1.31.1"
+)
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (installs packages, creates network namespaces)" >&2
+    exit 1
+  fi
+}
+
+install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+install_go_tools() {
+  local gobin="${GOBIN:-$(go env GOPATH)/bin}"
+  for entry in "${GO_TOOLS[@]}"; do
+    local name="${entry%% *}" target="${entry#* }"
+    if [ ! -x "$gobin/$name" ]; then
+      echo "setup: go install $target"
+      go install "$target"
+    fi
+  done
+}
+
+need_root
+install_apt
+install_go_tools
+echo "setup: ok"

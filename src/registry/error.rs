@@ -1,0 +1,76 @@
+//! `RegistryError`: every way a registry request can fail, and the one place where errors
+//! become HTTP responses with an OCI error body (distribution spec, "Error Codes").
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::oci::error::ErrorCode;
+use crate::oci::path::PathError;
+use crate::oci::range::RangeError;
+
+/// Errors of the registry seam. Each maps to exactly one status and error code.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Path(#[from] PathError),
+    #[error("manifest unknown")]
+    ManifestUnknown,
+    #[error("blob unknown")]
+    BlobUnknown,
+    #[error("{source}")]
+    Range {
+        #[source]
+        source: RangeError,
+        /// The blob size, sent back in `Content-Range: bytes */size` (RFC 9110, 15.5.17).
+        size: u64,
+    },
+    #[error("only GET and HEAD are supported: this is a pull-only mirror")]
+    MethodNotAllowed,
+}
+
+impl RegistryError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RegistryError::Path(PathError::NotFound) => ErrorCode::NameUnknown,
+            RegistryError::Path(PathError::NameInvalid | PathError::NsInvalid) => {
+                ErrorCode::NameInvalid
+            }
+            RegistryError::Path(PathError::TagInvalid) => ErrorCode::ManifestUnknown,
+            RegistryError::Path(PathError::DigestInvalid(_)) => ErrorCode::DigestInvalid,
+            RegistryError::ManifestUnknown => ErrorCode::ManifestUnknown,
+            RegistryError::BlobUnknown => ErrorCode::BlobUnknown,
+            RegistryError::Range { .. } => ErrorCode::RangeInvalid,
+            RegistryError::MethodNotAllowed => ErrorCode::Unsupported,
+        }
+    }
+
+    /// The status sent. Invalid tags are 400 (distribution answers `MANIFEST_INVALID`-style
+    /// errors for references it cannot parse); everything else follows the code's status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RegistryError::Path(PathError::TagInvalid) => StatusCode::BAD_REQUEST,
+            other => other.code().status(),
+        }
+    }
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        let mut response = (self.status(), code.body(&self.to_string())).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let RegistryError::Range { size, .. } = self
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}"))
+        {
+            headers.insert(header::CONTENT_RANGE, v);
+        }
+        if code == ErrorCode::Unsupported {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        response
+    }
+}

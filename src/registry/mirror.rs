@@ -1,0 +1,525 @@
+//! Fetching from peers when the local store misses: look up who holds the key, try up to
+//! `attempts` peers, and stream the first good answer back. A blob stream that breaks is
+//! resumed from another peer with `Range`, so the client still receives one whole, correct
+//! body. Manifests are small: they are buffered, checked against their digest and bounded by
+//! an overall deadline. Any failure ends in `Ok(None)`: the caller answers 404 and containerd
+//! goes upstream.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use http::{StatusCode, header};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::serve::{AccessLog, Counted, DOCKER_CONTENT_DIGEST, header_str};
+use super::{HOP_HEADER, PullRequest, RegistryError, RegistryState};
+use crate::metrics::{Metrics, PeerFailureLabels, Source};
+use crate::oci::{Digest, Kind, Target, media};
+use crate::routing::{Peer, Router};
+
+/// Settings of the peer mirror path (the `registry:` config section holds them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// How long to wait for the lookup to find a first (and each further) peer.
+    #[serde(with = "humantime_serde")]
+    pub resolve_timeout: Duration,
+    /// How many peers to try for one request (also the resume budget of a blob stream).
+    pub attempts: usize,
+    /// Overall time limit for fetching a manifest from peers.
+    #[serde(with = "humantime_serde")]
+    pub manifest_deadline: Duration,
+    /// TCP connect timeout towards a peer.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A peer that sends nothing for this long is treated as broken (the stream resumes
+    /// elsewhere). Blobs have no overall deadline: a large layer may take minutes.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            resolve_timeout: Duration::from_millis(20),
+            attempts: 3,
+            manifest_deadline: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(500),
+            read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl MirrorConfig {
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.attempts == 0 || self.attempts > 32 {
+            errors.push("registry.attempts must be between 1 and 32".to_owned());
+        }
+        for (name, d) in [
+            ("resolve_timeout", self.resolve_timeout),
+            ("manifest_deadline", self.manifest_deadline),
+            ("connect_timeout", self.connect_timeout),
+            ("read_timeout", self.read_timeout),
+        ] {
+            if d.is_zero() {
+                errors.push(format!("registry.{name} must be greater than zero"));
+            }
+        }
+        errors
+    }
+}
+
+/// The peer mirror: a router to find peers and an HTTP client to fetch from them.
+pub struct Mirror {
+    router: Arc<dyn Router>,
+    client: reqwest::Client,
+    config: MirrorConfig,
+    metrics: Metrics,
+}
+
+/// Why one peer attempt failed; the label of `speculum_mirror_peer_failures_total`.
+type Failure = &'static str;
+
+impl Mirror {
+    pub fn new(
+        router: Arc<dyn Router>,
+        config: MirrorConfig,
+        metrics: Metrics,
+    ) -> Result<Mirror, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            // Peer traffic stays inside the cluster: never through an HTTP(S)_PROXY.
+            .no_proxy()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Mirror {
+            router,
+            client,
+            config,
+            metrics,
+        })
+    }
+
+    /// Fetches the object of `req` from peers holding `key`. `Ok(None)` when no peer could
+    /// serve it; `Err` only for an answer that must reach the client as is (a 416).
+    pub async fn fetch(
+        &self,
+        key: &str,
+        req: &PullRequest,
+        state: &RegistryState,
+        log: AccessLog,
+    ) -> Result<Option<Response>, RegistryError> {
+        let started = Instant::now();
+        let rx = match self.router.lookup(key, self.config.attempts).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "lookup failed");
+                return Ok(None);
+            }
+        };
+        let mut peers = PeerQueue::new(rx, self.config.resolve_timeout);
+        let deadline = tokio::time::Instant::now() + self.config.manifest_deadline;
+        for attempt in 0..self.config.attempts {
+            let Some(peer) = peers.next().await else {
+                break;
+            };
+            if attempt == 0 {
+                self.metrics
+                    .lookup_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            let result = match req.path.kind {
+                Kind::Manifest => {
+                    match tokio::time::timeout_at(deadline, self.manifest(&peer, req)).await {
+                        Ok(r) => r,
+                        Err(_) => Err("deadline"),
+                    }
+                }
+                Kind::Blob => self.blob(&peer, req, &mut peers).await,
+            };
+            match result {
+                Ok(Fetched::Whole(builder, bytes)) => {
+                    let status = builder.status_code();
+                    let body = if req.head {
+                        log.finish(status, 0, "peer");
+                        Body::empty()
+                    } else {
+                        let stream = futures::stream::iter([Ok(bytes)]).boxed();
+                        Counted::body(stream, state, Source::Peer, log, status)
+                    };
+                    tracing::debug!(peer.id = %peer.id, key, "served from peer");
+                    return Ok(Some(builder.into_response(body)));
+                }
+                Ok(Fetched::Stream(builder, stream)) => {
+                    let status = builder.status_code();
+                    let body = Counted::body(stream, state, Source::Peer, log, status);
+                    tracing::debug!(peer.id = %peer.id, key, "streaming from peer");
+                    return Ok(Some(builder.into_response(body)));
+                }
+                Ok(Fetched::Unsatisfiable(size)) => {
+                    return Err(RegistryError::Range {
+                        source: crate::oci::range::RangeError::Unsatisfiable,
+                        size,
+                    });
+                }
+                Err(reason) => {
+                    self.failed(&peer, reason);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn failed(&self, peer: &Peer, reason: Failure) {
+        self.metrics
+            .peer_failures
+            .get_or_create(&PeerFailureLabels { reason })
+            .inc();
+        tracing::debug!(peer.id = %peer.id, peer.addr = %peer.addr, reason, "peer attempt failed");
+    }
+
+    fn request(&self, peer: &Peer, req: &PullRequest) -> reqwest::RequestBuilder {
+        let url = format!("http://{}{}", peer.addr, req.peer_path());
+        let method = if req.head {
+            reqwest::Method::HEAD
+        } else {
+            reqwest::Method::GET
+        };
+        self.client.request(method, url).header(HOP_HEADER, "1")
+    }
+
+    /// A manifest from one peer: buffered whole and checked against its digest.
+    async fn manifest(&self, peer: &Peer, req: &PullRequest) -> Result<Fetched, Failure> {
+        let accept = [
+            media::OCI_INDEX,
+            media::OCI_MANIFEST,
+            media::DOCKER_LIST,
+            media::DOCKER_MANIFEST,
+        ]
+        .join(", ");
+        let mut resp = self
+            .request(peer, req)
+            .header(header::ACCEPT, accept)
+            .send()
+            .await
+            .map_err(|_| "connect")?;
+        if resp.status() != StatusCode::OK {
+            return Err("status");
+        }
+        let digest: Digest = header_str(resp.headers(), DOCKER_CONTENT_DIGEST)
+            .and_then(|d| d.parse().ok())
+            .ok_or("digest-header")?;
+        if let Target::Digest(want) = &req.path.target
+            && *want != digest
+        {
+            return Err("digest-mismatch");
+        }
+        let media_type = header_str(resp.headers(), header::CONTENT_TYPE)
+            .filter(|t| media::is_manifest_type(t))
+            .ok_or("media-type")?
+            .to_owned();
+        let length: u64 = header_str(resp.headers(), header::CONTENT_LENGTH)
+            .and_then(|l| l.parse().ok())
+            .filter(|l| *l <= media::MAX_MANIFEST_BYTES)
+            .ok_or("length")?;
+        let builder = Headers::new(StatusCode::OK, &media_type, &digest, length, None);
+        if req.head {
+            return Ok(Fetched::Whole(builder, Bytes::new()));
+        }
+        let mut body = BytesMut::with_capacity(length as usize);
+        while let Some(chunk) = resp.chunk().await.map_err(|_| "body")? {
+            if body.len() + chunk.len() > length as usize {
+                return Err("length");
+            }
+            body.extend_from_slice(&chunk);
+        }
+        // A tag is only as trustworthy as the bytes behind the digest header we pass on.
+        if Digest::sha256_of(&body) != digest || body.len() as u64 != length {
+            return Err("digest-mismatch");
+        }
+        Ok(Fetched::Whole(builder, body.freeze()))
+    }
+
+    /// A blob from one peer, streamed; a break mid-way resumes from the next peer.
+    async fn blob(
+        &self,
+        peer: &Peer,
+        req: &PullRequest,
+        peers: &mut PeerQueue,
+    ) -> Result<Fetched, Failure> {
+        let Target::Digest(digest) = &req.path.target else {
+            return Err("not-a-digest");
+        };
+        let mut request = self.request(peer, req);
+        if let Some(range) = &req.range
+            && !req.head
+        {
+            request = request.header(header::RANGE, range);
+        }
+        let resp = request.send().await.map_err(|_| "connect")?;
+        if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+            let size = header_str(resp.headers(), header::CONTENT_RANGE)
+                .and_then(|v| v.strip_prefix("bytes */"))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return Ok(Fetched::Unsatisfiable(size));
+        }
+        if let Some(d) = header_str(resp.headers(), DOCKER_CONTENT_DIGEST)
+            && d != digest.to_string()
+        {
+            return Err("digest-mismatch");
+        }
+        let length: u64 = header_str(resp.headers(), header::CONTENT_LENGTH)
+            .and_then(|l| l.parse().ok())
+            .ok_or("length")?;
+        let content_type = header_str(resp.headers(), header::CONTENT_TYPE)
+            .unwrap_or(media::OCTET_STREAM)
+            .to_owned();
+        let (status, start, end, content_range) = match resp.status() {
+            StatusCode::OK => (StatusCode::OK, 0, length.saturating_sub(1), None),
+            StatusCode::PARTIAL_CONTENT => {
+                let cr = header_str(resp.headers(), header::CONTENT_RANGE).ok_or("range")?;
+                let (start, end, _total) = parse_content_range(cr).ok_or("range")?;
+                if end - start + 1 != length {
+                    return Err("range");
+                }
+                (StatusCode::PARTIAL_CONTENT, start, end, Some(cr.to_owned()))
+            }
+            _ => return Err("status"),
+        };
+        let builder = Headers::new(status, &content_type, digest, length, content_range);
+        if req.head || length == 0 {
+            return Ok(Fetched::Whole(builder, Bytes::new()));
+        }
+        let resume = Resume {
+            current: Some(resp.bytes_stream().boxed()),
+            next: start,
+            end,
+            peers: std::mem::replace(peers, PeerQueue::empty()),
+            client: self.client.clone(),
+            path: req.peer_path(),
+            budget: self.config.attempts,
+            metrics: self.metrics.clone(),
+            failed: false,
+        };
+        Ok(Fetched::Stream(builder, resume.into_stream()))
+    }
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (s, e) = range.split_once('-')?;
+    let (start, end): (u64, u64) = (s.parse().ok()?, e.parse().ok()?);
+    (end >= start).then_some((start, end, total.parse().ok()))
+}
+
+/// A successful peer answer: headers plus a whole body or a stream.
+enum Fetched {
+    Whole(Headers, Bytes),
+    Stream(Headers, BoxStream<'static, std::io::Result<Bytes>>),
+    Unsatisfiable(u64),
+}
+
+/// The response headers passed on to the client.
+struct Headers {
+    status: StatusCode,
+    content_type: String,
+    digest: String,
+    length: u64,
+    content_range: Option<String>,
+}
+
+impl Headers {
+    fn new(
+        status: StatusCode,
+        content_type: &str,
+        digest: &Digest,
+        length: u64,
+        content_range: Option<String>,
+    ) -> Headers {
+        Headers {
+            status,
+            content_type: content_type.to_owned(),
+            digest: digest.to_string(),
+            length,
+            content_range,
+        }
+    }
+
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn into_response(self, body: Body) -> Response {
+        let mut b = Response::builder()
+            .status(self.status)
+            .header(header::CONTENT_TYPE, self.content_type)
+            .header(header::CONTENT_LENGTH, self.length)
+            .header(DOCKER_CONTENT_DIGEST, &self.digest)
+            .header(header::ACCEPT_RANGES, "bytes");
+        if let Some(cr) = self.content_range {
+            b = b.header(header::CONTENT_RANGE, cr);
+        }
+        b.body(body)
+            .unwrap_or_else(|_| Response::new(Body::empty()))
+    }
+}
+
+/// Peers as the lookup finds them. Each wait for the next one is bounded by the resolve
+/// timeout, so a slow or empty lookup costs at most that much per attempt.
+struct PeerQueue {
+    rx: Option<mpsc::Receiver<Peer>>,
+    buffered: VecDeque<Peer>,
+    wait: Duration,
+}
+
+impl PeerQueue {
+    fn new(rx: mpsc::Receiver<Peer>, wait: Duration) -> PeerQueue {
+        PeerQueue {
+            rx: Some(rx),
+            buffered: VecDeque::new(),
+            wait,
+        }
+    }
+
+    fn empty() -> PeerQueue {
+        PeerQueue {
+            rx: None,
+            buffered: VecDeque::new(),
+            wait: Duration::ZERO,
+        }
+    }
+
+    async fn next(&mut self) -> Option<Peer> {
+        if let Some(p) = self.buffered.pop_front() {
+            return Some(p);
+        }
+        let rx = self.rx.as_mut()?;
+        match tokio::time::timeout(self.wait, rx.recv()).await {
+            Ok(Some(p)) => Some(p),
+            Ok(None) | Err(_) => {
+                self.rx = None;
+                None
+            }
+        }
+    }
+}
+
+/// State of a blob stream that can continue from another peer after a break.
+struct Resume {
+    current: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    /// Absolute offset of the next byte the client expects.
+    next: u64,
+    /// Absolute offset of the last byte to send (inclusive).
+    end: u64,
+    peers: PeerQueue,
+    client: reqwest::Client,
+    path: String,
+    budget: usize,
+    metrics: Metrics,
+    failed: bool,
+}
+
+impl Resume {
+    fn into_stream(self) -> BoxStream<'static, std::io::Result<Bytes>> {
+        futures::stream::unfold(self, |mut s| async move {
+            let item = s.step().await?;
+            Some((item, s))
+        })
+        .boxed()
+    }
+
+    /// The next chunk, resuming from another peer when the current stream breaks.
+    async fn step(&mut self) -> Option<std::io::Result<Bytes>> {
+        loop {
+            if self.failed || self.next > self.end {
+                return None;
+            }
+            let chunk = match self.current.as_mut() {
+                Some(stream) => stream.next().await,
+                None => None,
+            };
+            match chunk {
+                Some(Ok(mut chunk)) => {
+                    let remaining = self.end - self.next + 1;
+                    if chunk.len() as u64 > remaining {
+                        // More than the peer promised: keep what was asked for, drop the rest.
+                        chunk.truncate(remaining as usize);
+                    }
+                    self.next += chunk.len() as u64;
+                    return Some(Ok(chunk));
+                }
+                // Broken (error) or ended early (`None` before `end`): resume elsewhere.
+                Some(Err(_)) | None => {
+                    self.current = None;
+                    if let Err(e) = self.resume().await {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn resume(&mut self) -> std::io::Result<()> {
+        while self.budget > 0 {
+            self.budget -= 1;
+            let Some(peer) = self.peers.next().await else {
+                break;
+            };
+            let resp = self
+                .client
+                .get(format!("http://{}{}", peer.addr, self.path))
+                .header(HOP_HEADER, "1")
+                .header(header::RANGE, format!("bytes={}-{}", self.next, self.end))
+                .send()
+                .await;
+            let Ok(resp) = resp else {
+                continue;
+            };
+            let starts_right = resp.status() == StatusCode::PARTIAL_CONTENT
+                && header_str(resp.headers(), header::CONTENT_RANGE)
+                    .and_then(parse_content_range)
+                    .is_some_and(|(start, _, _)| start == self.next);
+            if starts_right {
+                self.metrics.resumes.inc();
+                tracing::info!(peer.id = %peer.id, offset = self.next, "resumed blob from another peer");
+                self.current = Some(resp.bytes_stream().boxed());
+                return Ok(());
+            }
+        }
+        Err(std::io::Error::other(
+            "peer stream broke and no other peer could resume it",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_table() {
+        let cases = [
+            ("bytes 0-9/10", Some((0, 9, Some(10)))),
+            ("bytes 5-5/*", Some((5, 5, None))),
+            ("bytes 9-5/10", None),
+            ("bytes */10", None),
+            ("items 0-1/2", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_content_range(input), want, "{input}");
+        }
+    }
+}

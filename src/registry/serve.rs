@@ -1,0 +1,212 @@
+//! Writing successful responses: content from this node's store (with `Range` support), the
+//! byte-counting body wrapper shared with the mirror path, and the one access-log line each
+//! request produces once its body is finished (or abandoned).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use futures::Stream;
+use futures::stream::BoxStream;
+use http::{HeaderValue, StatusCode, header};
+use prometheus_client::metrics::counter::Counter;
+
+use super::{PullRequest, RegistryError, RegistryState};
+use crate::metrics::{BytesLabels, Handler, Source};
+use crate::oci::range::parse_range;
+use crate::oci::{Digest, Kind, media};
+
+pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// One access-log line per request, written once: when an error is answered, when a HEAD is
+/// answered, or when a body has been fully sent or dropped by the client.
+#[derive(Clone)]
+pub struct AccessLog(Arc<AccessInner>);
+
+struct AccessInner {
+    done: AtomicBool,
+    started: Instant,
+    method: &'static str,
+    handler: Handler,
+    kind: Kind,
+    registry: String,
+    reference: String,
+    client: std::net::SocketAddr,
+    hop: bool,
+}
+
+impl AccessLog {
+    pub fn new(req: &PullRequest, handler: Handler, started: Instant) -> AccessLog {
+        AccessLog(Arc::new(AccessInner {
+            done: AtomicBool::new(false),
+            started,
+            method: if req.head { "HEAD" } else { "GET" },
+            handler,
+            kind: req.path.kind,
+            registry: req.ns.clone().unwrap_or_default(),
+            reference: format!("{}:{}", req.path.name, req.path.target),
+            client: req.client,
+            hop: req.hop,
+        }))
+    }
+
+    /// Writes the line (only the first call writes).
+    pub fn finish(&self, status: StatusCode, bytes: u64, source: &str) {
+        let a = &self.0;
+        if a.done.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!(
+            target: "speculum::access",
+            handler = ?a.handler,
+            method = a.method,
+            kind = a.kind.as_str(),
+            registry = %a.registry,
+            reference = %a.reference,
+            client.addr = %a.client,
+            hop = a.hop,
+            source,
+            http.status = status.as_u16(),
+            bytes,
+            elapsed_ms = a.started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// A body stream that counts bytes into a metric and writes the access line when it ends or
+/// is dropped (a client that disconnects mid-blob still gets its line, with `complete=false`
+/// visible as a short byte count and status).
+pub struct Counted {
+    inner: BoxStream<'static, std::io::Result<Bytes>>,
+    sent: u64,
+    counter: Counter,
+    log: AccessLog,
+    status: StatusCode,
+    source: &'static str,
+}
+
+impl Counted {
+    pub fn body(
+        inner: BoxStream<'static, std::io::Result<Bytes>>,
+        state: &RegistryState,
+        source: Source,
+        log: AccessLog,
+        status: StatusCode,
+    ) -> Body {
+        let counter = state
+            .metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                handler: state.handler,
+                source,
+            })
+            .clone();
+        let source = match source {
+            Source::Local => "local",
+            Source::Peer => "peer",
+        };
+        Body::from_stream(Counted {
+            inner,
+            sent: 0,
+            counter,
+            log,
+            status,
+            source,
+        })
+    }
+}
+
+impl Stream for Counted {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &item {
+            let n = chunk.len() as u64;
+            self.sent += n;
+            self.counter.inc_by(n);
+        }
+        item
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.log.finish(self.status, self.sent, self.source);
+    }
+}
+
+/// Serves `digest` from this node's store. `Ok(None)` when the node does not hold it (or, for
+/// a manifest request, holds it but it is not a manifest), so the caller can try peers.
+pub async fn local(
+    state: &RegistryState,
+    req: &PullRequest,
+    digest: &Digest,
+    log: AccessLog,
+) -> Result<Option<Response>, RegistryError> {
+    let desc = match state.store.descriptor(digest).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "store descriptor failed; treating as a miss");
+            return Ok(None);
+        }
+    };
+    if req.path.kind == Kind::Manifest && !media::is_manifest_type(&desc.media_type) {
+        // Sending a layer as a manifest would break containerd's pull; a miss lets it go on.
+        return Ok(None);
+    }
+    let range = match (&req.range, req.head) {
+        (Some(h), false) => {
+            Some(
+                parse_range(h, desc.size).map_err(|source| RegistryError::Range {
+                    source,
+                    size: desc.size,
+                })?,
+            )
+        }
+        _ => None,
+    };
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, &desc.media_type)
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{digest}\""));
+    let (status, length) = match range {
+        Some(r) => {
+            builder = builder.header(header::CONTENT_RANGE, r.content_range(desc.size));
+            (StatusCode::PARTIAL_CONTENT, r.len())
+        }
+        None => (StatusCode::OK, desc.size),
+    };
+    builder = builder
+        .status(status)
+        .header(header::CONTENT_LENGTH, length);
+    if req.head {
+        log.finish(status, 0, "local");
+        return Ok(builder.body(Body::empty()).ok());
+    }
+    let stream = match state.store.open(digest, range).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Garbage collected between descriptor and open, or containerd went away.
+            tracing::warn!(%digest, error = %e, "store open failed; treating as a miss");
+            return Ok(None);
+        }
+    };
+    let body = Counted::body(stream, state, Source::Local, log, status);
+    Ok(builder.body(body).ok())
+}
+
+/// Header value helper for headers copied from a peer response.
+pub fn header_str(headers: &http::HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers
+        .get(name)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+}

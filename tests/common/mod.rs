@@ -1,0 +1,5 @@
+//! Helpers shared by integration tests. Each test binary compiles this module on its own and
+//! uses a part of it, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod containerd;
