@@ -291,7 +291,7 @@ impl Resolver {
 
         let started = tokio::time::Instant::now();
         let upstream =
-            tokio::time::timeout(self.cfg.timeout, self.from_registry(&r, &candidates)).await;
+            tokio::time::timeout(self.cfg.timeout, self.ask_registry(&r, &candidates)).await;
         let err = match upstream {
             Ok(Ok((identity, digest))) => {
                 self.metrics
@@ -320,7 +320,7 @@ impl Resolver {
             return Err(err);
         }
         let started = tokio::time::Instant::now();
-        match tokio::time::timeout(self.cfg.timeout, self.from_cluster(&r)).await {
+        match tokio::time::timeout(self.cfg.timeout, self.ask_cluster(&r)).await {
             Ok(Ok(digest)) => {
                 self.metrics
                     .resolved(Source::Cluster, &registry, started.elapsed());
@@ -339,7 +339,7 @@ impl Resolver {
     }
 
     /// Tries each credential in order; the first that the registry accepts decides.
-    async fn from_registry(
+    async fn ask_registry(
         &self,
         r: &ImageRef,
         candidates: &[(String, RegistryAuth)],
@@ -374,7 +374,7 @@ impl Resolver {
 
     /// Asks the daemons' mirror endpoints (`HEAD /v2/<repo>/manifests/<tag>?ns=<registry>`,
     /// what containerd sends them) in order; the first digest wins.
-    async fn from_cluster(&self, r: &ImageRef) -> Result<String, ResolveError> {
+    async fn ask_cluster(&self, r: &ImageRef) -> Result<String, ResolveError> {
         let mut last = None;
         for endpoint in &self.cfg.cluster_endpoints {
             let mut reference = Reference::with_tag(

@@ -279,7 +279,8 @@ mod tests {
         let mut no_kind = good.clone();
         no_kind["kind"] = json!("Pod");
 
-        let cases: Vec<(&str, Vec<u8>, Result<&str, (ReviewError, Option<&str>)>)> = vec![
+        type Want = Result<&'static str, (ReviewError, Option<&'static str>)>;
+        let cases: Vec<(&str, Vec<u8>, Want)> = vec![
             ("good", review(good.clone()), Ok("u1")),
             ("delete needs no object", review(delete), Ok("u1")),
             ("not json", b"{".to_vec(), Err((ReviewError::InvalidJson(String::new()), None))),

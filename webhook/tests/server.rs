@@ -348,7 +348,7 @@ async fn registry_outage_pins_through_the_cluster_and_says_so() {
     node.push_image("team/app", "v2", "amd64", "z").await;
     upstream.stop();
     let rig = start(
-        &[host.clone()],
+        std::slice::from_ref(&host),
         &[node.host()],
         MemoryCredentials::default(),
     )
