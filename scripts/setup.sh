@@ -14,11 +14,11 @@ APT_PACKAGES=(
   python3           # the deterministic image generator
   apache2-utils     # htpasswd for the webhook's private-registry tests
 )
+# Go ≥ 1.26 builds the rig's CRI client (Debian's golang-go is too old; the machine's Go is used).
 
-# Go tools: name → install target (pinned versions).
-GO_TOOLS=(
-  "crictl sigs.k8s.io/cri-tools/cmd/crictl@v1.31.1"
-)
+# Go tools: name → install target (pinned versions). None yet: the rig's CRI client
+# (tests/rig/cri-pull, k8s.io/cri-api) is built from its own go.mod on first use.
+GO_TOOLS=()
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
@@ -41,7 +41,7 @@ install_apt() {
 
 install_go_tools() {
   local gobin="${GOBIN:-$(go env GOPATH)/bin}"
-  for entry in "${GO_TOOLS[@]}"; do
+  for entry in ${GO_TOOLS[@]+"${GO_TOOLS[@]}"}; do
     local name="${entry%% *}" target="${entry#* }"
     if [ ! -x "$gobin/$name" ]; then
       echo "setup: go install $target"

@@ -264,10 +264,17 @@ fn pull_completes_when_the_serving_peer_dies_mid_transfer() -> Result<()> {
     );
     check_cri_result(&String::from_utf8_lossy(&outcome.stdout), big)?;
     rig.verify_blobs(2, big)?;
+    // Node 1 was the only other holder, so the rest can only have come from upstream: a GET
+    // there proves the kill really cut the transfer short.
+    let upstream_after_kill = rig.upstream_gets(&layer.digest, Some(2))?;
+    ensure!(
+        upstream_after_kill >= 1,
+        "node 2 completed without asking upstream: the kill did not interrupt the transfer \
+         (lower RIG_KILL_RATE, now {rate})"
+    );
     rig.step(&format!(
-        "node 2 has the complete image after {attempts} attempt(s); upstream GETs of the layer from \
-         node 2 after the kill: {}",
-        rig.upstream_gets(&layer.digest, Some(2))?
+        "node 2 has the complete image after {attempts} PullImage attempt(s); the rest came from \
+         upstream ({upstream_after_kill} GET(s) of the layer)"
     ));
     Ok(())
 }

@@ -50,8 +50,7 @@ bytes_report() {
 
 wait_findable() {
 	local n=$1 repo=$2 digest=$3
-	poll_until "$RIG_TIMEOUT" "node $n's mirror to find $repo@$digest" \
-		test "$(mirror_status "$n" "$repo" "$digest")" = 200
+	poll_until "$RIG_TIMEOUT" "node $n's mirror to find $repo@$digest" mirror_finds "$n" "$repo" "$digest"
 }
 
 demo_main() {

@@ -141,9 +141,10 @@ selftest_main() {
 	check "tc tbf shaping hook" tbf 100mbit "$RIG_UP_NS" eth0
 	tc -n "$RIG_UP_NS" qdisc del dev eth0 root 2>/dev/null || true
 
-	# A crash: the registry dies by SIGKILL and its pid file is lost; down must still clean up.
+	# A crash: the registry dies by SIGKILL, and node 2's containerd is still running but its
+	# pid file is lost; down must still end it (it lives in a rig namespace) and clean up.
 	kill -s KILL "$(owned_pid upstream)"
-	rm -f "$(pid_file upstream)"
+	rm -f "$(pid_file n2-containerd)"
 	check "down after a crash" timed "rig.sh down" "$RIG_SELF" down
 	check "down twice" "$RIG_SELF" down
 	check "nothing left behind" cleaned_up

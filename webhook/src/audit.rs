@@ -109,3 +109,61 @@ pub struct NoAudit;
 impl AuditSink for NoAudit {
     fn record(&self, _line: AuditLine) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(n: usize) -> AuditLine {
+        AuditLine {
+            uid: format!("u{n}"),
+            namespace: "ns".into(),
+            kind: "Pod".into(),
+            name: "p".into(),
+            operation: "CREATE".into(),
+            container: "app".into(),
+            role: "container".into(),
+            path: "/spec/containers/0/image".into(),
+            before: "r.io/a:1".into(),
+            after: Some("r.io/a:1@sha256:x".into()),
+            digest: Some("sha256:x".into()),
+            source: Some("registry".into()),
+            decision: "pinned".into(),
+            reason: String::new(),
+            dry_run: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn json_lines_are_written_in_order() {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        let sink = JsonLinesAudit::spawn(file.reopen().expect("reopen"), 16);
+        for n in 0..3 {
+            sink.record(line(n));
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(file.path()).expect("read");
+            if text.lines().count() == 3 {
+                break text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "lines not written: {text:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let uids: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("json")["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(uids, ["u0", "u1", "u2"]);
+        assert!(!text.contains("\"reason\""), "empty reason omitted");
+        assert_eq!(sink.dropped(), 0);
+    }
+}

@@ -338,6 +338,35 @@ pub fn webhook_configuration(cfg: &WebhookConfig, ca_bundle_pem: &str) -> Value 
     })
 }
 
+/// True when the certificate whose expiry (unix seconds, our annotation) is given must be
+/// replaced now: unknown, unparsable, expired, or within `rotate_before` of expiry.
+pub fn needs_rotation(not_after: Option<&str>, now: SystemTime, rotate_before: Duration) -> bool {
+    let Some(secs) = not_after.and_then(|s| s.trim().parse::<u64>().ok()) else {
+        return true;
+    };
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    expiry
+        .duration_since(now)
+        .map_or(true, |left| left <= rotate_before)
+}
+
+/// The `caBundle` after a rotation: the new CA, then the newest CA of the old bundle, so
+/// replicas still serving the old certificate stay trusted. Older CAs are dropped.
+pub fn rotated_bundle(new_ca: &str, old_bundle: Option<&str>) -> String {
+    let previous = old_bundle
+        .and_then(|b| b.split_inclusive("-----END CERTIFICATE-----").next())
+        .map(str::trim)
+        .filter(|c| c.starts_with("-----BEGIN CERTIFICATE-----"))
+        .unwrap_or_default();
+    let mut out = new_ca.trim_end().to_owned();
+    out.push('\n');
+    if !previous.is_empty() && previous != new_ca.trim() {
+        out.push_str(previous);
+        out.push('\n');
+    }
+    out
+}
+
 /// Self-managed certificates in a Secret, trusted through our webhook configuration.
 pub struct KubeCertManager {
     pub client: kube::Client,
@@ -348,8 +377,23 @@ const NOT_AFTER_ANNOTATION: &str = "speculum.io/not-after";
 
 impl KubeCertManager {
     /// Makes sure a valid certificate exists (creating or rotating it), that `caBundle` trusts
-    /// it, and returns the TLS config to serve with.
+    /// it, and returns the TLS config to serve with. When several replicas start at once, all
+    /// but one lose the write race (409 Conflict / AlreadyExists); they read the winner's.
     pub async fn ensure(&self) -> Result<ServerConfig, CertError> {
+        let mut attempt = 0;
+        loop {
+            match self.ensure_once().await {
+                Err(CertError::Kube(kube::Error::Api(status)))
+                    if attempt < 3 && (status.is_conflict() || status.code == 409) =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn ensure_once(&self) -> Result<ServerConfig, CertError> {
         use k8s_openapi::ByteString;
         use k8s_openapi::api::core::v1::Secret;
         let api: kube::Api<Secret> =
@@ -357,45 +401,26 @@ impl KubeCertManager {
         let existing = api.get_opt(&self.cfg.secret_name).await?;
         let now = SystemTime::now();
         let usable = existing.as_ref().and_then(|s| {
-            let not_after: u64 = s
-                .metadata
-                .annotations
-                .as_ref()?
-                .get(NOT_AFTER_ANNOTATION)?
-                .parse()
-                .ok()?;
+            let annotation = s.metadata.annotations.as_ref()?.get(NOT_AFTER_ANNOTATION);
+            if needs_rotation(annotation.map(String::as_str), now, self.cfg.rotate_before) {
+                return None;
+            }
             let data = s.data.as_ref()?;
-            let left = (SystemTime::UNIX_EPOCH + Duration::from_secs(not_after))
-                .duration_since(now)
-                .ok()?;
-            (left > self.cfg.rotate_before).then(|| {
-                (
-                    data.get("tls.crt").map(|b| b.0.clone()).unwrap_or_default(),
-                    data.get("tls.key").map(|b| b.0.clone()).unwrap_or_default(),
-                    data.get("ca.crt").map(|b| b.0.clone()).unwrap_or_default(),
-                )
-            })
+            let field = |k: &str| data.get(k).map(|b| b.0.clone()).unwrap_or_default();
+            Some((field("tls.crt"), field("tls.key"), field("ca.crt")))
         });
         let (cert, key, ca_bundle) = match usable {
             Some(t) => t,
             None => {
                 let b = generate(&self.cfg.dns_names(), self.cfg.cert_validity)?;
                 // Keep the previous CA trusted during the switch (see module docs).
-                let previous_ca = existing
-                    .as_ref()
-                    .and_then(|s| {
-                        s.data
-                            .as_ref()?
-                            .get("ca.crt")
-                            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    })
-                    .and_then(|ca| {
-                        ca.split_inclusive("-----END CERTIFICATE-----")
-                            .next()
-                            .map(str::to_owned)
-                    })
-                    .unwrap_or_default();
-                let bundle = format!("{}{}", b.ca_pem, previous_ca.trim_start());
+                let previous = existing.as_ref().and_then(|s| {
+                    s.data
+                        .as_ref()?
+                        .get("ca.crt")
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                });
+                let bundle = rotated_bundle(&b.ca_pem, previous.as_deref());
                 let not_after = b
                     .not_after
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -438,7 +463,7 @@ impl KubeCertManager {
                     None => api.create(&pp, &secret).await,
                 };
                 if let Err(e) = written {
-                    tracing::warn!(error = %e, "writing the certificate secret failed; another replica may have won");
+                    tracing::info!(error = %e, "writing the certificate secret failed; another replica may have won");
                     return Err(e.into());
                 }
                 tracing::info!(secret = %self.cfg.secret_name, "generated a new serving certificate");
@@ -571,5 +596,92 @@ mod tests {
                 == 1
         );
         assert!(base.validate().is_empty());
+    }
+
+    // Paused time: the poll interval and the waits below advance virtually, so "several poll
+    // rounds" is exact and the test takes no wall-clock time.
+    #[tokio::test(start_paused = true)]
+    async fn file_certs_reload_on_change_and_keep_the_old_on_garbage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCerts {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
+        let write = |b: &Bundle| {
+            std::fs::write(&files.cert, &b.cert_pem).expect("cert");
+            std::fs::write(&files.key, &b.key_pem).expect("key");
+        };
+        write(&generate(&["a".into()], Duration::from_secs(3600)).expect("a"));
+        let state = TlsState::new(files.load().expect("load"));
+        let first = state.current();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let cert_path = files.cert.clone();
+        let key_path = files.key.clone();
+        let task = tokio::spawn(
+            files.run(state.clone(), Duration::from_millis(20), async move {
+                let _ = stop_rx.await;
+            }),
+        );
+
+        // Garbage is ignored: the current config stays.
+        std::fs::write(&cert_path, "garbage").expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await; // five poll rounds: nothing may change
+        assert!(Arc::ptr_eq(&first, &state.current()));
+
+        let b = generate(&["b".into()], Duration::from_secs(3600)).expect("b");
+        std::fs::write(&key_path, &b.key_pem).expect("key");
+        std::fs::write(&cert_path, &b.cert_pem).expect("cert");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::ptr_eq(&first, &state.current()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "certificate not reloaded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop_tx.send(());
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("join");
+    }
+
+    #[test]
+    fn rotation_table() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let day = Duration::from_secs(86_400);
+        let cases = [
+            ("missing", None, true),
+            ("garbage", Some("soon"), true),
+            ("expired", Some("999999"), true),
+            ("inside the window", Some("1086400"), true),
+            ("just outside", Some("1086401"), false),
+            ("far away", Some("99999999"), false),
+        ];
+        for (name, ann, want) in cases {
+            assert_eq!(needs_rotation(ann, now, day), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn rotated_bundle_keeps_one_previous_ca() {
+        let ca = |n: &str| format!("-----BEGIN CERTIFICATE-----\n{n}\n-----END CERTIFICATE-----\n");
+        let cases = [
+            ("first", None, ca("new")),
+            (
+                "rotation",
+                Some(ca("old")),
+                format!("{}{}", ca("new"), ca("old")),
+            ),
+            (
+                "second rotation drops the oldest",
+                Some(format!("{}{}", ca("old"), ca("older"))),
+                format!("{}{}", ca("new"), ca("old")),
+            ),
+            ("garbage", Some("junk".to_owned()), ca("new")),
+        ];
+        for (name, old, want) in cases {
+            assert_eq!(rotated_bundle(&ca("new"), old.as_deref()), want, "{name}");
+        }
     }
 }

@@ -217,9 +217,9 @@ async fn moved_tag_is_never_served_from_another_credentials_cache() {
 
 #[tokio::test]
 async fn registry_down_resolves_through_the_cluster() {
-    // The cluster endpoint speaks the registry API (`HEAD /v2/<repo>/manifests/<tag>?ns=…`).
-    // Until the speculum daemon binary runs in tests, a second distribution registry holding
-    // the same image stands in for a node's mirror endpoint.
+    // The cluster endpoint speaks the registry API (`HEAD /v2/<repo>/manifests/<tag>?ns=…`);
+    // here a second distribution registry holding the same image plays it, to test caching and
+    // recovery. `daemon_fallback.rs` asks the daemon's own registry code.
     let mut upstream = Registry::start(Auth::None);
     let node = Registry::start(Auth::None);
     let host = upstream.host();

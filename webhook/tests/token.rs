@@ -31,7 +31,10 @@ struct Issuer {
 
 impl Issuer {
     fn mint(&self, subject: &str, repo: &str, actions: &[&str]) -> String {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let claims = serde_json::json!({
             "iss": ISSUER, "sub": subject, "aud": SERVICE,
             "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{subject}-{now}-{repo}"),
@@ -46,15 +49,30 @@ impl Issuer {
 }
 
 /// `GET /token?scope=repository:<name>:pull&service=…`, Basic auth optional.
-async fn token(State(issuer): State<Arc<Issuer>>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> impl IntoResponse {
-    let user = match headers.get("authorization").and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Basic ")) {
+async fn token(
+    State(issuer): State<Arc<Issuer>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> impl IntoResponse {
+    let user = match headers
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Basic "))
+    {
         None => None,
         Some(b64) => {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default();
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_default();
             let text = String::from_utf8_lossy(&decoded).into_owned();
             match text.split_once(':') {
-                Some((u, p)) if issuer.users.get(u).is_some_and(|want| want == p) => Some(u.to_owned()),
-                _ => return (StatusCode::UNAUTHORIZED, "bad credentials".to_owned()).into_response(),
+                Some((u, p)) if issuer.users.get(u).is_some_and(|want| want == p) => {
+                    Some(u.to_owned())
+                }
+                _ => {
+                    return (StatusCode::UNAUTHORIZED, "bad credentials".to_owned())
+                        .into_response();
+                }
             }
         }
     };
@@ -69,24 +87,33 @@ async fn token(State(issuer): State<Arc<Issuer>>, headers: HeaderMap, Query(q): 
         Some(u) => issuer.mint(u, &repo, &["pull"]),
         None => issuer.mint("", &repo, &[]),
     };
-    axum::Json(serde_json::json!({"token": t, "access_token": t, "expires_in": 300})).into_response()
+    axum::Json(serde_json::json!({"token": t, "access_token": t, "expires_in": 300}))
+        .into_response()
 }
 
 #[tokio::test]
 async fn bearer_token_flow_with_pull_secret() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::new(vec!["token-signer".to_owned()]).expect("params");
-    params.distinguished_name.push(rcgen::DnType::CommonName, "token-signer");
+    let mut params =
+        rcgen::CertificateParams::new(vec!["token-signer".to_owned()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "token-signer");
     let cert = params.self_signed(&key).expect("cert");
     let issuer = Arc::new(Issuer {
-        key: jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("ec key"),
+        key: jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())
+            .expect("ec key"),
         x5c: base64::engine::general_purpose::STANDARD.encode(cert.der()),
         users: [("carol".to_owned(), "c-pass".to_owned())].into(),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let realm = format!("http://{}/token", listener.local_addr().expect("addr"));
-    let app = axum::Router::new().route("/token", axum::routing::get(token)).with_state(issuer.clone());
+    let app = axum::Router::new()
+        .route("/token", axum::routing::get(token))
+        .with_state(issuer.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut reg = Registry::start(Auth::Token {
@@ -95,14 +122,24 @@ async fn bearer_token_flow_with_pull_secret() {
         issuer: ISSUER.into(),
         root_cert_pem: cert.pem(),
     });
-    reg.push_auth = Some(format!("Bearer {}", issuer.mint("carol", "vault/app", &["pull", "push"])));
+    reg.push_auth = Some(format!(
+        "Bearer {}",
+        issuer.mint("carol", "vault/app", &["pull", "push"])
+    ));
     let digest = reg.push_image("vault/app", "v1", "amd64", "t").await;
     let host = reg.host();
 
     let resolver = Resolver::new(
         ResolverConfig {
             timeout: Duration::from_secs(3),
-            registries: [(host.clone(), RegistryOptions { insecure: true, ..Default::default() })].into(),
+            registries: [(
+                host.clone(),
+                RegistryOptions {
+                    insecure: true,
+                    ..Default::default()
+                },
+            )]
+            .into(),
             ..ResolverConfig::default()
         },
         Arc::new(Metrics::new()),
@@ -111,13 +148,26 @@ async fn bearer_token_flow_with_pull_secret() {
     let mut creds = MemoryCredentials::default();
     creds.add_docker_config("ns", "good", &host, "carol", "c-pass");
     creds.add_docker_config("ns", "bad", &host, "carol", "wrong");
-    let good = keychain_for(&creds, "ns", &["good".into()], None).await.expect("keychain");
-    let bad = keychain_for(&creds, "ns", &["bad".into()], None).await.expect("keychain");
+    let good = keychain_for(&creds, "ns", &["good".into()], None)
+        .await
+        .expect("keychain");
+    let bad = keychain_for(&creds, "ns", &["bad".into()], None)
+        .await
+        .expect("keychain");
 
     let got = resolver.resolve(&image, &good).await.expect("token flow");
-    assert_eq!((got.digest.as_str(), got.source), (digest.as_str(), Source::Registry));
+    assert_eq!(
+        (got.digest.as_str(), got.source),
+        (digest.as_str(), Source::Registry)
+    );
     let denied = resolver.resolve(&image, &bad).await;
-    assert!(matches!(denied, Err(ResolveError::Unauthorized { .. })), "{denied:?}");
+    assert!(
+        matches!(denied, Err(ResolveError::Unauthorized { .. })),
+        "{denied:?}"
+    );
     let anon = resolver.resolve(&image, &Default::default()).await;
-    assert!(matches!(anon, Err(ResolveError::Unauthorized { .. })), "{anon:?}");
+    assert!(
+        matches!(anon, Err(ResolveError::Unauthorized { .. })),
+        "{anon:?}"
+    );
 }
