@@ -19,8 +19,10 @@ demo: build
 	bash tests/rig/demo.sh
 
 ## test: every test: unit, conformance on real containerd, registry, DHT, namespace cluster.
-test: build
-	cargo test --workspace --no-fail-fast
+# SPECULUM_SKIP_K8S=1: the Kubernetes tests ran in `e2e` just before; not twice.
+# SPECULUM_REQUIRE_OPA=1: setup installed OPA, so the bundles must pass real OPA too.
+test: build e2e
+	SPECULUM_SKIP_K8S=1 SPECULUM_REQUIRE_OPA=1 cargo test --workspace --no-fail-fast
 
 ## unit: the fast tests only (no root, no containerd).
 unit:
@@ -35,3 +37,72 @@ fmt:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets
+
+.PHONY: bench bench-smoke
+
+## bench: the benchmark set, each figure against a reference in the same run (BENCHMARKS.md).
+## Needs root; about 20 minutes on 2 cores (release build not counted). Results: bench/results/.
+bench: setup
+	bash bench/run.sh
+
+## bench-smoke: every benchmark script, tiny (about 3 minutes), so they cannot rot.
+bench-smoke: setup
+	BENCH_SMOKE=1 bash bench/run.sh
+
+# --- robustness (issue 10; see ROBUSTNESS.md) -----------------------------------------------------
+FUZZ_TARGETS := digest reference v2_path range media pull_request admission_review
+# Per-target libFuzzer bound for `make fuzz`: runs and wall time, whichever ends first.
+FUZZ_RUNS ?= 10000000
+FUZZ_SECONDS ?= 1800
+
+.PHONY: conformance fuzz fuzz-build fuzz-smoke load faults hostile
+
+## conformance: the OCI distribution-spec conformance suite (pull workflow) against a daemon.
+conformance: build
+	cargo test --test oci_conformance -- --nocapture
+
+## hostile: the malformed-request table over raw TCP.
+hostile:
+	cargo test --test hostile -- --nocapture
+
+# cargo-fuzz needs nightly; -s none: the code is forbid(unsafe), so ASan would only slow it down;
+# -a: debug assertions (integer overflow panics) on.
+fuzz-build:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+	cd fuzz && cargo +nightly fuzz build -O -a -s none
+
+## fuzz: every target for FUZZ_RUNS executions (or FUZZ_SECONDS), seeds from fuzz/seeds.
+fuzz: fuzz-build
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t && \
+	  (cd fuzz && nice -n 10 cargo +nightly fuzz run -O -a -s none $$t corpus/$$t seeds/$$t -- \
+	    -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
+	    > last-$$t.log 2>&1) || { tail -40 fuzz/last-$$t.log; exit 1; }; \
+	  echo "$$t: $$(grep -h 'stat::number_of_executed_units' fuzz/last-$$t.log)"; \
+	done
+
+## fuzz-smoke: 20 s of libFuzzer per target (the stable smoke in `make test` is tests/fuzz_smoke.rs).
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_RUNS=1000000000 FUZZ_SECONDS=20
+
+## load: 1,000 connections / 10 k requests against one daemon; prints percentiles and RSS.
+load: build
+	cargo test --test load -- --nocapture
+
+## faults: the fault matrix on the namespace rig (≥ 50 CRI pulls); takes the rig lock.
+faults: build
+	bash tests/rig/faults.sh
+
+# --- Kubernetes E2E tier (issue 7; tests/k8s/) ------------------------------------------------------
+.PHONY: e2e k8s-binaries
+
+## k8s-binaries: kube-apiserver + etcd built through the Go module proxy (pinned), cached in
+## ${SPECULUM_CACHE:-~/.cache/speculum}/k8s/<version>/. Cold about 10-20 min on 2 cores; cached: instant.
+k8s-binaries: setup
+	bash tests/k8s/control-plane.sh binaries
+
+## e2e: a real kube-apiserver + etcd on 127.0.0.1: the webhook pins through the API server, kube
+## credentials and certificates, projected tokens and JWKS. About 1 min once the binaries are cached.
+e2e: k8s-binaries
+	cargo test --test k8s_control_plane
+	cargo test -p speculum-webhook --test e2e_kube

@@ -13,12 +13,19 @@ APT_PACKAGES=(
   curl jq           # talking to metrics endpoints inside namespaces
   python3           # the deterministic image generator
   apache2-utils     # htpasswd for the webhook's private-registry tests
+  nginx-light       # bench/serving.sh: the sendfile reference for the daemon's serving cost
+  openssl           # tests/k8s: certificates and the ServiceAccount signing key of the E2E API server
 )
 # Go ≥ 1.26 builds the rig's CRI client (Debian's golang-go is too old; the machine's Go is used).
+# The same Go builds the Kubernetes E2E tier's kube-apiserver and etcd from pinned wrapper modules
+# (tests/k8s/apiserver, tests/k8s/etcd) on first use: `make k8s-binaries`, cached per version.
 
-# Go tools: name → install target (pinned versions). None yet: the rig's CRI client
+# Go tools: name → install target (pinned versions). The rig's CRI client
 # (tests/rig/cri-pull, k8s.io/cri-api) is built from its own go.mod on first use.
-GO_TOOLS=()
+GO_TOOLS=(
+  # tests/policy_opa.rs runs every shipped bundle's tests with real OPA too (a plain OPA bundle)
+  "opa github.com/open-policy-agent/opa@v1.22.2"
+)
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then

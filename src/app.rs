@@ -14,10 +14,12 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::audit::{AuditSink, JsonlSink};
 use crate::config::Config;
 use crate::metrics::{Handler, Metrics};
+use crate::policy::reload as policy_reload;
 use crate::readiness::Readiness;
-use crate::registry::{self, Mirror, RegistryState};
+use crate::registry::{self, Guard, Mirror, RegistryState};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
 use crate::routing::sync::Advertiser;
@@ -39,16 +41,36 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     let peer_listener = bind(config.registry.peer_listen, "registry.peer_listen").await?;
     let metrics_listener = bind(config.metrics.listen, "metrics.listen").await?;
 
-    let containerd = Arc::new(
-        ContainerdStore::new(config.containerd.clone()).context("containerd store")?,
+    // Policy and audit before anything serves: the first request is already decided and
+    // audited. A bad audit file path fails the start (an audit trail that silently is not
+    // written is worse than a daemon that says so).
+    let (gate, bundle_fingerprint) =
+        policy_reload::initial(&config.policy, metrics.policy.clone(), &readiness);
+    let audit: Arc<dyn AuditSink> = Arc::new(
+        JsonlSink::start(&config.audit, metrics.audit.clone()).context("starting the audit log")?,
     );
+    let guard = Guard {
+        gate: gate.clone(),
+        audit,
+        node: config.node.name.clone(),
+    };
+    let (policy_stop, policy_shutdown) = shutdown::channel();
+    let policy_task = tokio::spawn(policy_reload::watch(
+        config.policy.clone(),
+        gate.clone(),
+        readiness.clone(),
+        bundle_fingerprint,
+        policy_shutdown,
+    ));
+
+    let containerd =
+        Arc::new(ContainerdStore::new(config.containerd.clone()).context("containerd store")?);
     let store: Arc<dyn Store> = containerd.clone();
 
     let (router_stop, router_shutdown) = shutdown::channel();
-    let (router, mut router_task) =
-        kademlia::start(config.routing.clone(), router_shutdown.wait())
-            .await
-            .context("starting the DHT router")?;
+    let (router, mut router_task) = kademlia::start(config.routing.clone(), router_shutdown.wait())
+        .await
+        .context("starting the DHT router")?;
     let router_dyn: Arc<dyn Router> = Arc::new(router.clone());
     tracing::info!(
         peer.id = %router.peer_id(),
@@ -75,19 +97,27 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         config.sync.clone(),
         metrics.clone(),
         readiness.clone(),
-    );
+    )
+    .with_advert_filter({
+        let gate = gate.clone();
+        let node = config.node.name.clone();
+        Arc::new(move |image| gate.advert(image, &node))
+    });
     let mut sync_task = tokio::spawn(advertiser.run(sync_shutdown));
 
     let (http_stop, http_shutdown) = shutdown::channel();
     let mut servers = vec![
         serve(
             mirror_listener,
-            registry::app(state(Handler::Mirror, Some(Arc::new(mirror)))),
+            registry::app_with(
+                state(Handler::Mirror, Some(Arc::new(mirror))),
+                guard.clone(),
+            ),
             http_shutdown.clone(),
         ),
         serve(
             peer_listener,
-            registry::app(state(Handler::Peer, None)),
+            registry::app_with(state(Handler::Peer, None), guard.clone()),
             http_shutdown.clone(),
         ),
         serve(
@@ -121,15 +151,26 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     readiness.block("shutdown", "shutting down");
     metrics.ready.set(0);
     health.abort();
+    policy_stop.fire();
+    policy_task.abort();
     sync_stop.fire();
-    if tokio::time::timeout(Duration::from_secs(5), &mut sync_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), &mut sync_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("advertiser did not stop within 5s");
     }
     router_stop.fire();
-    if tokio::time::timeout(Duration::from_secs(5), &mut router_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), &mut router_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("router did not stop within 5s");
     }
-    tracing::info!(grace_ms = config.registry.drain_grace.as_millis() as u64, "draining in-flight responses");
+    tracing::info!(
+        grace_ms = config.registry.drain_grace.as_millis() as u64,
+        "draining in-flight responses"
+    );
     http_stop.fire();
     let drained = tokio::time::timeout(
         config.registry.drain_grace,
@@ -153,7 +194,11 @@ async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `app` until `shutdown`; then stops accepting and waits for open connections.
-fn serve(listener: TcpListener, app: axum::Router, shutdown: Shutdown) -> JoinHandle<std::io::Result<()>> {
+fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: Shutdown,
+) -> JoinHandle<std::io::Result<()>> {
     tokio::spawn(async move {
         axum::serve(
             listener,

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::audit::AuditConfig;
 use crate::hosts::HostsConfig;
+use crate::policy::PolicyConfig;
 use crate::registry::MirrorConfig;
 use crate::routing::kademlia::KademliaConfig;
 use crate::routing::sync::SyncConfig;
@@ -30,6 +32,9 @@ pub struct Config {
     pub routing: KademliaConfig,
     pub sync: SyncConfig,
     pub hosts: HostsConfig,
+    /// The Rego bundle and the `resolve_tags` / `resolve_latest_tag` switches.
+    pub policy: PolicyConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
 }
 
@@ -176,6 +181,9 @@ pub fn load(
             .map(|n| n.trim().to_owned())
             .unwrap_or_else(|| "unknown".to_owned());
     }
+    // The global switch decides what `configure` writes: with tags off, containerd must not
+    // even ask us (`capabilities = ["pull"]`).
+    config.hosts.resolve_tags &= config.policy.resolve_tags;
     errors.extend(config.validate());
     if errors.is_empty() {
         Ok(config)
@@ -196,6 +204,8 @@ impl Config {
             "routing" => self.routing = v(value)?,
             "sync" => self.sync = v(value)?,
             "hosts" => self.hosts = v(value)?,
+            "policy" => self.policy = v(value)?,
+            "audit" => self.audit = v(value)?,
             "log" => self.log = v(value)?,
             other => {
                 return Err(serde::de::Error::custom(format!(
@@ -214,11 +224,19 @@ impl Config {
         errors.extend(self.routing.validate());
         errors.extend(self.sync.validate());
         errors.extend(self.hosts.validate());
+        errors.extend(self.policy.validate());
+        errors.extend(self.audit.validate());
         if !matches!(self.log.format.as_str(), "json" | "text") {
-            errors.push(format!("log.format must be json or text, got {:?}", self.log.format));
+            errors.push(format!(
+                "log.format must be json or text, got {:?}",
+                self.log.format
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            errors.push(format!("log.level {:?} is not a valid filter", self.log.level));
+            errors.push(format!(
+                "log.level {:?} is not a valid filter",
+                self.log.level
+            ));
         }
         if self.registry.mirror_listen == self.registry.peer_listen {
             errors.push("registry.mirror_listen and registry.peer_listen must differ".to_owned());
@@ -355,32 +373,55 @@ mod tests {
             Some(&file),
             env(&[
                 ("SPECULUM_MIRROR_ATTEMPTS", "4"),
-                ("SPECULUM_HOSTS_MIRRORED_REGISTRIES", "https://a.io, http://127.0.0.1:5000"),
+                (
+                    "SPECULUM_HOSTS_MIRRORED_REGISTRIES",
+                    "https://a.io, http://127.0.0.1:5000",
+                ),
                 ("SPECULUM_BIN", "target/debug/speculum"),
                 ("PATH", "/bin"),
             ]),
             &[("mirror.resolve_timeout".into(), "50ms".into())],
         )
         .expect("valid");
-        assert_eq!(cfg.registry.mirror_listen, "127.0.0.1:6000".parse().expect("addr"));
+        assert_eq!(
+            cfg.registry.mirror_listen,
+            "127.0.0.1:6000".parse().expect("addr")
+        );
         assert_eq!(cfg.mirror.attempts, 4, "env beats file");
-        assert_eq!(cfg.mirror.resolve_timeout, Duration::from_millis(50), "flag applied");
+        assert_eq!(
+            cfg.mirror.resolve_timeout,
+            Duration::from_millis(50),
+            "flag applied"
+        );
         assert_eq!(
             cfg.hosts.mirrored_registries,
-            vec!["https://a.io".to_owned(), "http://127.0.0.1:5000".to_owned()]
+            vec![
+                "https://a.io".to_owned(),
+                "http://127.0.0.1:5000".to_owned()
+            ]
         );
-        assert_eq!(cfg.registry.drain_grace, Duration::from_secs(20), "default kept");
+        assert_eq!(
+            cfg.registry.drain_grace,
+            Duration::from_secs(20),
+            "default kept"
+        );
     }
 
     #[test]
     fn every_error_is_reported_at_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("c.yaml");
-        std::fs::write(&file, "registry:\n  mirror_listen: nope\nlog:\n  format: xml\nbogus: 1\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "registry:\n  mirror_listen: nope\nlog:\n  format: xml\nbogus: 1\n",
+        )
+        .expect("write");
         let err = load(
             Some(&file),
-            env(&[("SPECULUM_MIRROR_ATTEMPTS", "many"), ("SPECULUM_MIRROR_NOPE", "1")]),
+            env(&[
+                ("SPECULUM_MIRROR_ATTEMPTS", "many"),
+                ("SPECULUM_MIRROR_NOPE", "1"),
+            ]),
             &[("mirror.unknown".into(), "1".into())],
         )
         .expect_err("invalid");
@@ -395,6 +436,40 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn resolve_tags_switch_reaches_hosts() {
+        let cases = [
+            ("default", vec![], true, true),
+            (
+                "env off",
+                vec![("SPECULUM_POLICY_RESOLVE_TAGS", "false")],
+                false,
+                false,
+            ),
+            (
+                "latest off keeps tags",
+                vec![("SPECULUM_POLICY_RESOLVE_LATEST_TAG", "false")],
+                true,
+                true,
+            ),
+        ];
+        for (name, vars, want_policy, want_hosts) in cases {
+            let cfg = load(None, env(&vars), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(cfg.policy.resolve_tags, want_policy, "{name}");
+            assert_eq!(
+                cfg.hosts.resolve_tags, want_hosts,
+                "{name}: hosts follows the switch"
+            );
+        }
+        let cfg = load(
+            None,
+            env(&[]),
+            &[("policy.resolve_latest_tag".into(), "false".into())],
+        )
+        .expect("valid");
+        assert!(!cfg.policy.resolve_latest_tag);
     }
 
     #[test]

@@ -11,16 +11,21 @@
 //!   which keeps the advertised keys in step with the store.
 //! - [`registry`]: the HTTP side: the containerd-facing mirror endpoint, the peer endpoint, and
 //!   the one place where errors become OCI error responses.
+//! - [`policy`]: the `Policy` seam, Rego bundles (regorus) deciding what may be served peer
+//!   to peer and which tags the cluster resolves; fail closed for P2P, never for the pull.
+//! - [`audit`]: the `AuditSink` seam, one JSON line per request and decision, never blocking.
 //! - [`hosts`]: rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml`.
 //! - [`config`]: defaults → YAML file → `SPECULUM_*` environment → flags, validated at once.
 //! - [`metrics`]: the daemon's own Prometheus registry (no globals).
 //! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.
 
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod hosts;
 pub mod metrics;
 pub mod oci;
+pub mod policy;
 pub mod readiness;
 pub mod registry;
 pub mod routing;

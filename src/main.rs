@@ -3,6 +3,9 @@
 //! - `speculum registry`: run the daemon (see `speculum::app`).
 //! - `speculum configure` / `speculum cleanup`: write or restore containerd's hosts.toml.
 //! - `speculum config`: print the effective configuration after every layer.
+//! - `speculum policy test DIR` / `speculum policy eval DIR --input FILE`: run a bundle's Rego
+//!   tests, or print its decision for one input (regorus, as the daemon evaluates it).
+//! - `speculum audit FILE…`: filter and summarise audit logs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use speculum::config::{self, Config};
 
 #[derive(Debug, Parser)]
-#[command(name = "speculum", version, about = "Peer-to-peer OCI registry mirror for containerd nodes")]
+#[command(
+    name = "speculum",
+    version,
+    about = "Peer-to-peer OCI registry mirror for containerd nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +35,56 @@ enum Command {
     Cleanup(ConfigArgs),
     /// Print the effective configuration (defaults, file, environment, flags) as YAML.
     Config(ConfigArgs),
+    /// Work with Rego policy bundles.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Read audit files (rotated `FILE.N` siblings included): filter, list or summarise.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Run the bundle's `*_test.rego` tests with regorus (exit 1 when any fails).
+    Test {
+        /// The bundle directory.
+        dir: PathBuf,
+    },
+    /// Print the decision of the bundle for one input document (JSON).
+    Eval {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// The input document (see docs/policy.md); `-` for stdin.
+        #[arg(long)]
+        input: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// Audit files (JSON lines).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Only records whose image (registry/repository), reference or digest contains this.
+    #[arg(long)]
+    image: Option<String>,
+    /// Only records for pods of this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only `allow` or `deny` decisions.
+    #[arg(long)]
+    decision: Option<String>,
+    /// Only records at or after this time (RFC 3339, e.g. 2026-11-23T17:00:00Z).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only records at or before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// Requests and bytes by image, decision and source instead of single records.
+    #[arg(long)]
+    summary: bool,
+    /// `table` or `json`.
+    #[arg(long, default_value = "table")]
+    output: String,
 }
 
 /// Settings shared by every command. Each flag is a shortcut for one `--set section.key=`.
@@ -99,6 +156,18 @@ struct ConfigArgs {
     /// Log filter, e.g. info (log.level).
     #[arg(long)]
     log_level: Option<String>,
+    /// Rego bundle directory (policy.bundle).
+    #[arg(long)]
+    policy_bundle: Option<String>,
+    /// Let the cluster resolve tags, true|false (policy.resolve_tags).
+    #[arg(long)]
+    resolve_tags: Option<String>,
+    /// Let the cluster resolve `latest`, true|false (policy.resolve_latest_tag).
+    #[arg(long)]
+    resolve_latest_tag: Option<String>,
+    /// Append audit lines to this file (audit.file).
+    #[arg(long)]
+    audit_file: Option<String>,
 }
 
 impl ConfigArgs {
@@ -127,6 +196,10 @@ impl ConfigArgs {
         one("hosts.mirror_endpoint", &self.mirror_endpoint);
         one("log.format", &self.log_format);
         one("log.level", &self.log_level);
+        one("policy.bundle", &self.policy_bundle);
+        one("policy.resolve_tags", &self.resolve_tags);
+        one("policy.resolve_latest_tag", &self.resolve_latest_tag);
+        one("audit.file", &self.audit_file);
         let mut list = |key: &str, v: &[String]| {
             if !v.is_empty() {
                 out.push((key.to_owned(), v.join(",")));
@@ -148,7 +221,8 @@ impl ConfigArgs {
 
     fn load(&self) -> Result<Config, String> {
         let overrides = self.overrides()?;
-        config::load(self.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
+        config::load(self.config.as_deref(), std::env::vars(), &overrides)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -159,7 +233,11 @@ fn init_logging(cfg: &config::LogConfig) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if cfg.format == "json" {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }
@@ -168,7 +246,11 @@ fn init_logging(cfg: &config::LogConfig) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match &cli.command {
-        Command::Registry(a) | Command::Configure(a) | Command::Cleanup(a) | Command::Config(a) => a,
+        Command::Registry(a) | Command::Configure(a) | Command::Cleanup(a) | Command::Config(a) => {
+            a
+        }
+        Command::Policy(cmd) => return policy_command(cmd),
+        Command::Audit(a) => return audit_command(a),
     };
     let config = match args.load() {
         Ok(c) => c,
@@ -188,6 +270,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Policy(_) | Command::Audit(_) => ExitCode::SUCCESS, // handled above
         Command::Configure(_) => report(speculum::hosts::configure(&config.hosts)),
         Command::Cleanup(_) => report(speculum::hosts::cleanup(&config.hosts)),
         Command::Registry(_) => {
@@ -223,7 +306,10 @@ async fn run_daemon(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -250,4 +336,158 @@ fn report(result: Result<speculum::hosts::Report, speculum::hosts::HostsError>) 
             ExitCode::FAILURE
         }
     }
+}
+
+/// `speculum policy test|eval`.
+fn policy_command(cmd: &PolicyCommand) -> ExitCode {
+    use speculum::policy::rego::{Bundle, run_tests};
+    use speculum::policy::{Policy, RegoPolicy};
+    let timeout = std::time::Duration::from_secs(2);
+    match cmd {
+        PolicyCommand::Test { dir } => {
+            let results = match Bundle::read(dir).and_then(|b| run_tests(&b, timeout)) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("speculum: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let failed = results.iter().filter(|r| !r.passed).count();
+            for r in &results {
+                if r.passed {
+                    println!("PASS {}", r.name);
+                } else {
+                    println!("FAIL {}: {}", r.name, r.detail);
+                }
+            }
+            println!("{}/{} passed", results.len() - failed, results.len());
+            if results.is_empty() {
+                eprintln!("speculum: {} has no tests", dir.display());
+                return ExitCode::FAILURE;
+            }
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        PolicyCommand::Eval { dir, input } => {
+            let text = if input.as_os_str() == "-" {
+                let mut s = String::new();
+                if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                    eprintln!("speculum: reading stdin: {e}");
+                    return ExitCode::from(2);
+                }
+                s
+            } else {
+                match std::fs::read_to_string(input) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("speculum: {}: {e}", input.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            };
+            let doc: speculum::policy::Input = match serde_json::from_str(&text) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("speculum: {}: not a decision input: {e}", input.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let decision = RegoPolicy::load(dir, timeout).and_then(|p| p.decide(&doc));
+            match decision.map(|d| serde_json::to_string_pretty(&d)) {
+                Ok(Ok(json)) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => {
+                    eprintln!("speculum: {e}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("speculum: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// `speculum audit`.
+fn audit_command(a: &AuditArgs) -> ExitCode {
+    use speculum::audit::reader;
+    let time = |s: &Option<String>, flag: &str| -> Result<Option<std::time::SystemTime>, String> {
+        s.as_deref()
+            .map(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')))
+            .transpose()
+            .map_err(|e| format!("--{flag}: {e}"))
+    };
+    let filter = match (time(&a.since, "since"), time(&a.until, "until")) {
+        (Ok(since), Ok(until)) => reader::Filter {
+            image: a.image.clone(),
+            namespace: a.namespace.clone(),
+            decision: a.decision.clone(),
+            since,
+            until,
+        },
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("speculum: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !matches!(a.output.as_str(), "table" | "json") {
+        eprintln!("speculum: --output must be table or json");
+        return ExitCode::from(2);
+    }
+    let paths: Vec<PathBuf> = a
+        .files
+        .iter()
+        .flat_map(|f| reader::with_rotated(f))
+        .collect();
+    let (records, bad) = match reader::read(&paths, &filter) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("speculum: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if bad > 0 {
+        eprintln!("speculum: skipped {bad} lines that are not audit records");
+    }
+    let json = a.output == "json";
+    let out = if a.summary {
+        let rows = reader::summarise(&records);
+        if json {
+            rows.iter()
+                .filter_map(|r| serde_json::to_string(r).ok())
+                .map(|l| l + "\n")
+                .collect()
+        } else {
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.image.clone(),
+                        r.decision.clone(),
+                        r.served_from.clone(),
+                        r.requests.to_string(),
+                        r.bytes.to_string(),
+                    ]
+                })
+                .collect();
+            reader::table(&["IMAGE", "DECISION", "FROM", "REQUESTS", "BYTES"], &cells)
+        }
+    } else if json {
+        records
+            .iter()
+            .filter_map(|r| serde_json::to_string(r).ok())
+            .map(|l| l + "\n")
+            .collect()
+    } else {
+        let (header, rows) = reader::record_rows(&records);
+        reader::table(&header, &rows)
+    };
+    print!("{out}");
+    ExitCode::SUCCESS
 }

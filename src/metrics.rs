@@ -82,6 +82,10 @@ pub struct Metrics {
     pub advertised_keys: Gauge,
     pub peers: Gauge,
     pub ready: Gauge,
+    /// Decisions, evaluation latency, reloads (`speculum_policy_*`).
+    pub policy: crate::policy::PolicyMetrics,
+    /// Audit lines written and dropped (`speculum_audit_*`).
+    pub audit: crate::audit::AuditMetrics,
 }
 
 impl Default for Metrics {
@@ -147,6 +151,8 @@ impl Metrics {
         registry.register("routing_peers", "Connected DHT peers", peers.clone());
         let ready = Gauge::default();
         registry.register("ready", "1 when the daemon reports ready", ready.clone());
+        let policy = crate::policy::PolicyMetrics::register(&mut registry);
+        let audit = crate::audit::AuditMetrics::register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -159,6 +165,8 @@ impl Metrics {
             advertised_keys,
             peers,
             ready,
+            policy,
+            audit,
         }
     }
 

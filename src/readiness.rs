@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 pub struct Readiness {
     // A std Mutex: held only to read or flip a flag, never across an `.await`.
     conditions: Arc<Mutex<BTreeMap<&'static str, Option<String>>>>,
+    // Informational lines shown by `/readyz` that never hold readiness back (e.g. "the new
+    // policy bundle was rejected; the previous one is active").
+    notes: Arc<Mutex<BTreeMap<&'static str, String>>>,
 }
 
 impl Readiness {
@@ -36,15 +39,31 @@ impl Readiness {
         self.lock().values().all(Option::is_none)
     }
 
-    /// One line per part: `part: ok` or `part: <reason>`.
+    /// Sets (or, with `None`, clears) an informational line for `part` that does not affect
+    /// readiness.
+    pub fn note(&self, part: &'static str, text: Option<String>) {
+        let mut notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        match text {
+            Some(t) => notes.insert(part, t),
+            None => notes.remove(part),
+        };
+    }
+
+    /// One line per part: `part: ok` or `part: <reason>`, then the notes as `part: <note>`.
     pub fn detail(&self) -> String {
-        self.lock()
+        let mut out: String = self
+            .lock()
             .iter()
             .map(|(part, reason)| match reason {
                 None => format!("{part}: ok\n"),
                 Some(r) => format!("{part}: {r}\n"),
             })
-            .collect()
+            .collect();
+        let notes = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        for (part, text) in notes.iter() {
+            out.push_str(&format!("{part}: {text}\n"));
+        }
+        out
     }
 }
 

@@ -279,6 +279,168 @@ fn pull_completes_when_the_serving_peer_dies_mid_transfer() -> Result<()> {
     Ok(())
 }
 
+/// The tag switches, end to end. Nodes 1 and 2 run with `resolveLatestTag=false`, node 3 with
+/// `resolveTags=false`. Node 1 pulls `tags:v1` (from upstream). Node 2 pulls `tags:latest`:
+/// containerd really resolves `latest` upstream (a HEAD from node 2 in the registry's log) while
+/// every blob comes from node 1; then `tags:v1` resolves through the cluster (no upstream
+/// request for it). Node 3's hosts.toml only has `capabilities = ["pull"]`, so its `v1`
+/// resolves upstream and its content comes from peers. The audit files say so, and account for
+/// every byte the daemons' metrics counted as served from peers.
+#[test]
+fn tag_switches_latest_and_tags_resolve_upstream_content_from_peers() -> Result<()> {
+    let Some(rig) = Rig::start(
+        "tag_switches_latest_and_tags_resolve_upstream_content_from_peers",
+        &["tags"],
+    )?
+    else {
+        return Ok(());
+    };
+    let images = rig.images()?;
+    let tags = image_named(&images, "tags")?;
+    rig.set_env("RIG_RESOLVE_LATEST_TAG", "false");
+    rig.start_speculum(1)?;
+    rig.start_speculum(2)?;
+    rig.set_env("RIG_RESOLVE_LATEST_TAG", "true");
+    rig.set_env("RIG_RESOLVE_TAGS", "false");
+    rig.start_speculum(3)?;
+    let hosts3 = std::fs::read_to_string(
+        rig.dir
+            .join(format!("n3/certs.d/{}/hosts.toml", upstream_host())),
+    )?;
+    ensure!(
+        hosts3.contains(r#"capabilities = ["pull"]"#),
+        "resolveTags=false must configure pull only:\n{hosts3}"
+    );
+
+    rig.step("node 1 pulls tags:v1 (from upstream)");
+    rig.ctr_pull(1, tags.tag("v1")?, tags)?;
+    rig.wait_mirror_finds(2, tags, &tags.digest)?;
+    rig.wait_mirror_finds(2, tags, "v1")?;
+    let status = rig.call(&["mirror_status", "2", &tags.repository, "latest"])?;
+    ensure!(
+        status.trim() == "404",
+        "node 2 must not resolve latest, answered {status}"
+    );
+
+    rig.step("node 2 pulls tags:latest: resolved upstream, content from node 1");
+    rig.ctr_pull(2, tags.tag("latest")?, tags)?;
+    ensure!(
+        rig.upstream_requests("HEAD", "/manifests/latest", 2)?
+            + rig.upstream_requests("GET", "/manifests/latest", 2)?
+            >= 1,
+        "node 2's containerd never asked upstream for latest"
+    );
+    for blob in tags.layers() {
+        ensure!(
+            rig.upstream_gets(&blob.digest, Some(2))? == 0,
+            "node 2 fetched layer {} from upstream",
+            blob.digest
+        );
+    }
+    rig.step("node 2 pulls tags:v1: resolved by the cluster");
+    rig.ctr_pull(2, tags.tag("v1")?, tags)?;
+    ensure!(
+        rig.upstream_requests("HEAD", "/manifests/v1", 2)?
+            + rig.upstream_requests("GET", "/manifests/v1", 2)?
+            == 0,
+        "node 2 asked upstream for v1 although the cluster resolves it"
+    );
+
+    rig.step("node 3 (resolveTags=false) pulls tags:v1: tag upstream, content from peers");
+    rig.ctr_pull(3, tags.tag("v1")?, tags)?;
+    ensure!(
+        rig.upstream_requests("HEAD", "/manifests/v1", 3)?
+            + rig.upstream_requests("GET", "/manifests/v1", 3)?
+            >= 1,
+        "node 3's containerd never resolved v1 upstream"
+    );
+    for blob in tags.layers() {
+        ensure!(
+            rig.upstream_gets(&blob.digest, Some(3))? == 0,
+            "node 3 fetched layer {} from upstream",
+            blob.digest
+        );
+    }
+
+    rig.step("reading the audit files");
+    let peer_bytes_2 = rig.metric(2, &PEER_BYTES)?;
+    let audit2 = rig.audit(2, |lines| {
+        let bytes: u64 = lines
+            .iter()
+            .filter(|l| l.source == "containerd" && l.served_from == "peer")
+            .map(|l| l.bytes)
+            .sum();
+        bytes as f64 >= peer_bytes_2
+    })?;
+    let latest: Vec<&AuditLine> = audit2
+        .iter()
+        .filter(|l| l.kind == "manifest" && l.reference == "latest")
+        .collect();
+    ensure!(
+        !latest.is_empty(),
+        "no audit line for node 2's latest request: {audit2:#?}"
+    );
+    for l in &latest {
+        ensure!(
+            l.decision == "deny"
+                && l.reason == "resolveLatestTag=false"
+                && l.served_from == "upstream"
+                && l.status == 404,
+            "latest on node 2: {l:?}"
+        );
+    }
+    ensure!(
+        audit2.iter().any(|l| l.reference == "v1"
+            && l.decision == "allow"
+            && l.served_from == "peer"
+            && l.status == 200),
+        "node 2's v1 was not resolved by a peer: {audit2:#?}"
+    );
+    for blob in tags.layers() {
+        ensure!(
+            audit2.iter().any(|l| l.kind == "blob"
+                && l.reference == blob.digest
+                && l.served_from == "peer"
+                && l.bytes == blob.size),
+            "no audit line for layer {} served from a peer on node 2",
+            blob.digest
+        );
+    }
+    let audited: u64 = audit2
+        .iter()
+        .filter(|l| l.source == "containerd" && l.served_from == "peer")
+        .map(|l| l.bytes)
+        .sum();
+    ensure!(
+        audited as f64 == peer_bytes_2,
+        "node 2: audit lines account for {audited} bytes from peers, the metric for {peer_bytes_2}"
+    );
+    // Node 1 served those bytes to its peers; its audit says so from its side.
+    let served_1 = rig.metric(1, &SERVED_TO_PEERS)?;
+    let audit1 = rig.audit(1, |lines| {
+        lines
+            .iter()
+            .filter(|l| l.source == "peer")
+            .map(|l| l.bytes)
+            .sum::<u64>() as f64
+            >= served_1
+    })?;
+    let to_peers: u64 = audit1
+        .iter()
+        .filter(|l| l.source == "peer")
+        .map(|l| l.bytes)
+        .sum();
+    ensure!(
+        to_peers as f64 == served_1,
+        "node 1: audit lines account for {to_peers} bytes sent to peers, the metric for {served_1}"
+    );
+    ensure!(
+        audit1.iter().all(|l| l.repository == tags.repository),
+        "node 1 audited requests for other repositories"
+    );
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------------------------
 // Driving the rig.
 
@@ -288,7 +450,13 @@ struct Rig {
     dir: PathBuf,
     bin: PathBuf,
     started: Instant,
+    // Field order matters: `Drop for Rig` runs `rig.sh down` first, then the fields drop, so the
+    // machine-wide lock is released only after the rig is gone.
     _serial: MutexGuard<'static, ()>,
+    _machine: std::fs::File,
+    /// Extra environment for every rig call from now on (e.g. `RIG_RESOLVE_TAGS=false` before
+    /// starting a node's daemon).
+    extra_env: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl Rig {
@@ -309,6 +477,7 @@ impl Rig {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let machine = machine_lock()?;
         let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let rig = Rig {
             script: here.join("tests/rig/rig.sh"),
@@ -320,6 +489,8 @@ impl Rig {
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_speculum"))),
             started: Instant::now(),
             _serial: serial,
+            _machine: machine,
+            extra_env: std::cell::RefCell::new(Vec::new()),
         };
         rig.step(&format!("{test}: rig up"));
         rig.run(Command::new("bash").arg(&rig.script).arg("up"))?;
@@ -338,6 +509,14 @@ impl Rig {
         cmd.env("RIG_DIR", &self.dir)
             .env("SPECULUM_BIN", &self.bin)
             .stdin(Stdio::null());
+        // These scenarios need three nodes; without this, `up` reuses the count a previous rig
+        // user recorded in RIG_DIR/nodes (a 2-node bench run, say).
+        if std::env::var_os("RIG_NODES").is_none() {
+            cmd.env("RIG_NODES", "3");
+        }
+        for (k, v) in self.extra_env.borrow().iter() {
+            cmd.env(k, v);
+        }
     }
 
     /// Runs a command to completion; its stdout on success, everything it said on failure.
@@ -482,6 +661,38 @@ impl Rig {
         )
     }
 
+    fn set_env(&self, key: &str, value: &str) {
+        let mut env = self.extra_env.borrow_mut();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Requests with `method` matching `pattern` in the upstream access log, from node `n`.
+    fn upstream_requests(&self, method: &str, pattern: &str, n: u32) -> Result<u64> {
+        let out = self.call(&["upstream_requests", method, pattern, &node_ip(n)])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("upstream_requests printed {out:?}"))
+    }
+
+    /// Node `n`'s audit records (`nN/audit.jsonl`), polled until `done` holds for them (bounded:
+    /// lines are written by the daemon's audit thread shortly after each body ends).
+    fn audit(&self, n: u32, done: impl Fn(&[AuditLine]) -> bool) -> Result<Vec<AuditLine>> {
+        let path = self.dir.join(format!("n{n}/audit.jsonl"));
+        let t0 = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<AuditLine> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).with_context(|| format!("audit line {l:?}")))
+                .collect::<Result<_>>()?;
+            if done(&lines) || t0.elapsed() > Duration::from_secs(10) {
+                return Ok(lines);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The sum of the series matching `series` in node `n`'s `/metrics` (0 when absent).
     fn metric(&self, n: u32, series: &Series) -> Result<f64> {
         let text = self.call(&["speculum_metrics", &n.to_string()])?;
@@ -498,6 +709,79 @@ impl Drop for Rig {
             eprintln!("rig.sh down failed: {e:#}");
         }
     }
+}
+
+/// The machine-wide rig lock (`flock(2)` on `/tmp/speculum-rig.lock`, the same lock the shell's
+/// `flock /tmp/speculum-rig.lock …` takes): the namespace names are fixed, so only one rig may
+/// exist on the machine at a time, whichever test binary or script brings it up. The in-process
+/// `SERIAL` mutex alone only orders this binary's own tests.
+fn machine_lock() -> Result<std::fs::File> {
+    const PATH: &str = "/tmp/speculum-rig.lock";
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PATH)
+        .with_context(|| format!("opening {PATH}"))?;
+    match file.try_lock() {
+        Ok(()) => return Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {PATH}"));
+        }
+    }
+    // `flock /tmp/speculum-rig.lock cargo test --test cluster` already holds it for us: locking
+    // again through our own open file would wait for our own ancestor forever.
+    if held_by_ancestor(&file)? {
+        return Ok(file);
+    }
+    // Blocks while another rig user holds it; the kernel releases it if that user dies.
+    file.lock().with_context(|| format!("locking {PATH}"))?;
+    Ok(file)
+}
+
+/// Whether a `flock` on `file` is held by this process's parent, grandparent, … (read from
+/// `/proc/locks`, which names the holder's pid and the file's inode).
+fn held_by_ancestor(file: &std::fs::File) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = file.metadata().context("stat of the rig lock")?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
+    let holders: Vec<u32> = locks
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"; blocked waiters carry "->".
+            if fields.get(1) != Some(&"FLOCK") {
+                return None;
+            }
+            let dev_inode = fields.get(5)?;
+            (dev_inode.rsplit(':').next()? == inode.to_string())
+                .then(|| fields.get(4)?.parse().ok())
+                .flatten()
+        })
+        .collect();
+    let mut pid = std::process::id();
+    for _ in 0..64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            break;
+        };
+        // "pid (comm) state ppid …"; comm may hold spaces and parentheses, so cut at the last ')'.
+        let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            break;
+        };
+        if ppid <= 1 {
+            break;
+        }
+        if holders.contains(&ppid) {
+            return Ok(true);
+        }
+        pid = ppid;
+    }
+    Ok(false)
 }
 
 fn skip(test: &str, why: &str) {
@@ -605,6 +889,20 @@ impl Image {
     fn layer_bytes(&self) -> u64 {
         self.layers().map(|b| b.size).sum()
     }
+}
+
+/// The audit fields these tests look at (docs/audit.md has them all).
+#[derive(Deserialize, Debug, Clone)]
+struct AuditLine {
+    source: String,
+    repository: String,
+    reference: String,
+    kind: String,
+    decision: String,
+    reason: String,
+    served_from: String,
+    status: u16,
+    bytes: u64,
 }
 
 #[derive(Deserialize)]

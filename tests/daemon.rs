@@ -80,7 +80,12 @@ fn client() -> reqwest::Client {
 }
 
 async fn status(url: &str) -> Option<u16> {
-    client().get(url).send().await.ok().map(|r| r.status().as_u16())
+    client()
+        .get(url)
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
 }
 
 /// Polls `url` until it answers `want` (bounded).
@@ -139,7 +144,13 @@ async fn lone_node_serves_its_store_and_drains_on_sigterm() {
     let base = format!("http://{}", d.mirror);
 
     // A lone node is ready: it can serve its own content.
-    wait_status(&format!("http://{}/readyz", d.metrics), 200, Duration::from_secs(20), &d).await;
+    wait_status(
+        &format!("http://{}/readyz", d.metrics),
+        200,
+        Duration::from_secs(20),
+        &d,
+    )
+    .await;
 
     // containerd's first request, by tag, answered from the node's own store.
     let image = &fixture.images[0];
@@ -149,7 +160,9 @@ async fn lone_node_serves_its_store_and_drains_on_sigterm() {
         .and_then(|r| r.rsplit_once(':'))
         .expect("fixture names are registry/repo:tag");
     let r = client()
-        .head(format!("{base}/v2/{repo}/manifests/{tag}?ns=127.0.0.1%3A5000"))
+        .head(format!(
+            "{base}/v2/{repo}/manifests/{tag}?ns=127.0.0.1%3A5000"
+        ))
         .send()
         .await
         .expect("head");
@@ -170,7 +183,10 @@ async fn lone_node_serves_its_store_and_drains_on_sigterm() {
     let first = resp.chunk().await.expect("first chunk").expect("data");
     received.extend_from_slice(&first);
     let pid = d.child.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(killed.success());
 
     // Readiness drops before anything else (or the listener is already closed).
@@ -184,7 +200,11 @@ async fn lone_node_serves_its_store_and_drains_on_sigterm() {
     }
 
     // The in-flight body still arrives whole.
-    while let Some(chunk) = resp.chunk().await.expect("body keeps streaming during drain") {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .expect("body keeps streaming during drain")
+    {
         received.extend_from_slice(&chunk);
     }
     assert_eq!(received.len(), BIG);
@@ -202,10 +222,21 @@ async fn lone_node_serves_its_store_and_drains_on_sigterm() {
     };
     let log = d.log();
     assert!(code.success(), "exit {code:?}; log:\n{log}");
-    let order = ["signal received", "withdrawing", "draining", "speculum stopped"];
+    let order = [
+        "signal received",
+        "withdrawing",
+        "draining",
+        "speculum stopped",
+    ];
     let positions: Vec<usize> = order
         .iter()
-        .map(|m| log.find(m).unwrap_or_else(|| panic!("no {m:?} in log:\n{log}")))
+        .map(|m| {
+            log.find(m)
+                .unwrap_or_else(|| panic!("no {m:?} in log:\n{log}"))
+        })
         .collect();
-    assert!(positions.windows(2).all(|w| w[0] < w[1]), "shutdown out of order:\n{log}");
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "shutdown out of order:\n{log}"
+    );
 }

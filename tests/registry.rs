@@ -634,3 +634,331 @@ async fn range_request_is_passed_to_the_peer() {
     assert_eq!(r.headers()["content-range"], "bytes 1000-49999/50000");
     assert_eq!(r.bytes().await.expect("body").as_ref(), &content[1000..]);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Policy decisions and the audit trail (the policy issue).
+
+mod guarded {
+    use super::*;
+    use speculum::audit::{AuditRecord, MemorySink};
+    use speculum::policy::{Decision, Gate, PolicyMetrics, RegoPolicy, StaticPolicy, Switches};
+    use speculum::registry::Guard;
+
+    fn guard(
+        policy: Arc<dyn speculum::policy::Policy>,
+        switches: Switches,
+        audit: &MemorySink,
+    ) -> Guard {
+        Guard {
+            gate: Gate::new(policy, switches, PolicyMetrics::unregistered()),
+            audit: Arc::new(audit.clone()),
+            node: "node-1".to_owned(),
+        }
+    }
+
+    /// A mirror endpoint (peers from `peers`) or, with `peers == None`, a peer endpoint.
+    async fn node(
+        store: Arc<MemoryStore>,
+        peers: Option<HashMap<String, Vec<Peer>>>,
+        guard: Guard,
+    ) -> SocketAddr {
+        let metrics = Metrics::new();
+        let (mirror, handler) = match peers {
+            Some(p) => (
+                Some(Arc::new(
+                    Mirror::new(
+                        Arc::new(MemoryRouter::with_static(p)),
+                        quick(),
+                        metrics.clone(),
+                    )
+                    .expect("client"),
+                )),
+                Handler::Mirror,
+            ),
+            None => (None, Handler::Peer),
+        };
+        spawn(registry::app_with(
+            RegistryState {
+                store,
+                mirror,
+                metrics,
+                readiness: Readiness::new(),
+                handler,
+            },
+            guard,
+        ))
+        .await
+    }
+
+    /// An image `rig/app` tagged `v1` and `latest`; returns (manifest digest, layer digest, layer).
+    fn image(store: &MemoryStore) -> (Digest, Digest, Vec<u8>) {
+        let layer = blob(100_000);
+        let ld = store.add_blob(layer.clone());
+        let cd = store.add_blob(r#"{"architecture":"amd64","rootfs":{"type":"layers"}}"#);
+        let md = store.add_blob(manifest_for(&cd, &ld, layer.len()));
+        store.set_image(&format!("{REG}/rig/app:v1"), md.clone());
+        store.set_image(&format!("{REG}/rig/app:latest"), md.clone());
+        (md, ld, layer)
+    }
+
+    /// Waits (bounded) until `n` records are in; body records land when the body is finished.
+    async fn records(sink: &MemorySink, n: usize) -> Vec<AuditRecord> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = sink.records();
+            if r.len() >= n || tokio::time::Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn allowlist() -> Arc<dyn speculum::policy::Policy> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/registry-allowlist");
+        Arc::new(RegoPolicy::load(&dir, Duration::from_millis(50)).expect("shipped bundle"))
+    }
+
+    #[tokio::test]
+    async fn decisions_switches_and_audit_lines_with_every_byte() {
+        let store = Arc::new(MemoryStore::new());
+        let (md, ld, layer) = image(&store);
+        let audit = MemorySink::new();
+        let switches = Switches {
+            resolve_tags: true,
+            resolve_latest_tag: false,
+        };
+        let addr = node(
+            store,
+            Some(HashMap::new()),
+            guard(allowlist(), switches, &audit),
+        )
+        .await;
+        let c = client();
+        let base = format!("http://{addr}");
+        // (name, method, path, want status, want decision, want served_from)
+        let cases = [
+            (
+                "tag v1",
+                "HEAD",
+                "/v2/rig/app/manifests/v1?ns=127.0.0.1%3A5000".to_owned(),
+                200,
+                "allow",
+                "local",
+            ),
+            (
+                "latest not resolved",
+                "HEAD",
+                "/v2/rig/app/manifests/latest?ns=127.0.0.1%3A5000".to_owned(),
+                404,
+                "deny",
+                "upstream",
+            ),
+            (
+                "manifest by digest",
+                "GET",
+                format!("/v2/rig/app/manifests/{md}?ns=127.0.0.1%3A5000"),
+                200,
+                "allow",
+                "local",
+            ),
+            (
+                "layer",
+                "GET",
+                format!("/v2/rig/app/blobs/{ld}?ns=127.0.0.1%3A5000"),
+                200,
+                "allow",
+                "local",
+            ),
+            (
+                "registry not allowlisted",
+                "GET",
+                format!("/v2/rig/app/blobs/{ld}?ns=docker.io"),
+                404,
+                "deny",
+                "upstream",
+            ),
+        ];
+        let mut received = 0u64;
+        for (name, method, path, status, _, _) in &cases {
+            let req = if *method == "HEAD" {
+                c.head(format!("{base}{path}"))
+            } else {
+                c.get(format!("{base}{path}"))
+            };
+            let r = req.send().await.expect("request");
+            assert_eq!(r.status().as_u16(), *status, "{name}");
+            let body = r.bytes().await.expect("body");
+            if *status == 200 {
+                received += body.len() as u64;
+            }
+            if *name == "layer" {
+                assert_eq!(body.as_ref(), layer.as_slice());
+            }
+        }
+        let got = records(&audit, cases.len()).await;
+        assert_eq!(
+            got.len(),
+            cases.len(),
+            "one audit line per request: {got:#?}"
+        );
+        // Records land when bodies finish, which may reorder neighbours: match each case by
+        // method, reference and registry.
+        let find = |method: &str, path: &str| -> &AuditRecord {
+            got.iter()
+                .find(|r| {
+                    r.method == method
+                        && path.contains(&format!("/{}?", r.reference))
+                        && path.contains(&r.registry.replace(':', "%3A"))
+                })
+                .unwrap_or_else(|| panic!("no record for {method} {path}: {got:#?}"))
+        };
+        let ordered: Vec<&AuditRecord> = cases.iter().map(|(_, m, p, ..)| find(m, p)).collect();
+        for (r, (name, method, _, status, decision, from)) in ordered.iter().zip(&cases) {
+            assert_eq!(r.status, *status, "{name}");
+            assert_eq!(r.method, *method, "{name}");
+            assert_eq!(r.decision, *decision, "{name}");
+            assert_eq!(r.served_from, *from, "{name}");
+            assert_eq!(r.node, "node-1");
+            assert_eq!(r.source, "containerd");
+            assert!(
+                r.client.starts_with("127.0.0.1:"),
+                "{name}: client from the socket"
+            );
+            assert!(!r.reason.is_empty(), "{name}: a reason");
+        }
+        assert_eq!(
+            ordered[0].digest.as_deref(),
+            Some(md.to_string().as_str()),
+            "tag resolved to"
+        );
+        assert_eq!(ordered[1].reason, "resolveLatestTag=false");
+        assert_eq!(ordered[4].reason, "registry not in allowlist");
+        let audited: u64 = got
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.bytes)
+            .sum();
+        assert_eq!(audited, received, "every served byte is accounted for");
+        assert_eq!(ordered[3].bytes, layer.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn resolve_tags_off_refuses_every_tag_but_serves_digests() {
+        let store = Arc::new(MemoryStore::new());
+        let (md, _, _) = image(&store);
+        let audit = MemorySink::new();
+        let switches = Switches {
+            resolve_tags: false,
+            resolve_latest_tag: true,
+        };
+        let addr = node(
+            store,
+            Some(HashMap::new()),
+            guard(Arc::new(StaticPolicy::default()), switches, &audit),
+        )
+        .await;
+        let c = client();
+        for (path, want) in [
+            (
+                "/v2/rig/app/manifests/v1?ns=127.0.0.1%3A5000".to_owned(),
+                404,
+            ),
+            (
+                "/v2/rig/app/manifests/latest?ns=127.0.0.1%3A5000".to_owned(),
+                404,
+            ),
+            (
+                format!("/v2/rig/app/manifests/{md}?ns=127.0.0.1%3A5000"),
+                200,
+            ),
+        ] {
+            let r = c
+                .head(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .expect("head");
+            assert_eq!(r.status().as_u16(), want, "{path}");
+        }
+        let got = records(&audit, 3).await;
+        assert_eq!(got[0].reason, "resolveTags=false");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_denies_is_a_miss_and_both_sides_audit_it() {
+        // The peer holds the layer but its policy denies serving to peers.
+        let peer_store = Arc::new(MemoryStore::new());
+        let (_, ld, _) = image(&peer_store);
+        let peer_audit = MemorySink::new();
+        let deny = Arc::new(StaticPolicy::fixed(Decision::deny("private")));
+        let peer_addr = node(
+            peer_store,
+            None,
+            guard(deny, Switches::default(), &peer_audit),
+        )
+        .await;
+
+        let audit = MemorySink::new();
+        let peers = HashMap::from([(ld.to_string(), vec![peer("p1", peer_addr)])]);
+        let addr = node(
+            Arc::new(MemoryStore::new()),
+            Some(peers),
+            guard(
+                Arc::new(StaticPolicy::default()),
+                Switches::default(),
+                &audit,
+            ),
+        )
+        .await;
+        let r = client()
+            .get(format!("http://{addr}/v2/rig/app/blobs/{ld}?ns={NS}"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(
+            r.status(),
+            404,
+            "denied by the peer: containerd goes upstream"
+        );
+        let theirs = records(&peer_audit, 1).await;
+        assert_eq!(theirs.len(), 1);
+        assert_eq!(
+            (theirs[0].source.as_str(), theirs[0].decision.as_str()),
+            ("peer", "deny")
+        );
+        assert_eq!(theirs[0].reason, "private");
+        let ours = records(&audit, 1).await;
+        assert_eq!(
+            (ours[0].decision.as_str(), ours[0].served_from.as_str()),
+            ("allow", "upstream")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_policy_is_a_404_never_a_5xx() {
+        let store = Arc::new(MemoryStore::new());
+        let (md, _, _) = image(&store);
+        let audit = MemorySink::new();
+        let addr = node(
+            store,
+            Some(HashMap::new()),
+            guard(
+                Arc::new(StaticPolicy::failing()),
+                Switches::default(),
+                &audit,
+            ),
+        )
+        .await;
+        let r = client()
+            .get(format!("http://{addr}/v2/rig/app/manifests/{md}?ns={NS}"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 404);
+        let got = records(&audit, 1).await;
+        assert_eq!(
+            (got[0].decision.as_str(), got[0].reason.as_str()),
+            ("deny", "policy-error")
+        );
+    }
+}

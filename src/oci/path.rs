@@ -151,7 +151,12 @@ pub fn parse_ns(ns: &str) -> Result<&str, PathError> {
         if v6.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(PathError::NsInvalid);
         }
-        (None, after.strip_prefix(':'))
+        // Only `:port` may follow the bracket: `[::1]\r:5000` or `[::1]x` must not pass.
+        let port = match after {
+            "" => None,
+            a => Some(a.strip_prefix(':').ok_or(PathError::NsInvalid)?),
+        };
+        (None, port)
     } else {
         match ns.split_once(':') {
             Some((h, p)) => (Some(h), Some(p)),
@@ -322,6 +327,9 @@ mod tests {
             ("-a.com", false),
             ("a..com", false),
             ("[zz]:1", false),
+            ("[::]\r:5000", false),
+            ("[::1]x", false),
+            ("[::1]", true),
             ("a b", false),
         ];
         for (ns, ok) in cases {

@@ -146,6 +146,10 @@ impl Mirror {
                 }
                 Kind::Blob => self.blob(&peer, req, &mut peers).await,
             };
+            if let Ok(Fetched::Whole(builder, _) | Fetched::Stream(builder, _)) = &result {
+                log.set_peer(peer.id.to_string());
+                log.set_digest(builder.digest.clone());
+            }
             match result {
                 Ok(Fetched::Whole(builder, bytes)) => {
                     let status = builder.status_code();

@@ -8,7 +8,11 @@
 //!
 //! Requests are parsed into a [`PullRequest`] up front (bad input is a 4xx before anything is
 //! looked up); [`serve`] writes successful responses; [`error`] is the only place errors
-//! become responses. Every request is counted and logged once, with the bytes really sent.
+//! become responses. Every request is counted and audited once, with the bytes really sent.
+//!
+//! Before anything is looked up, the policy [`Guard`] decides (source `local` on the mirror
+//! endpoint, `peer` on the peer endpoint or for a hop): a deny, a tag the switches or the
+//! policy will not resolve, or a failed evaluation is a plain 404 — containerd goes upstream.
 
 pub mod error;
 pub mod mirror;
@@ -24,10 +28,12 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::audit::{AuditSink, NullSink};
 use crate::metrics::{Handler, Metrics, MirrorLabels, Outcome, RequestLabels};
 use crate::oci::path::{PathError, parse_ns, parse_v2_path};
 use crate::oci::range::parse_range;
 use crate::oci::{Kind, Reference, Target, V2Path};
+use crate::policy::{self, Gate};
 use crate::readiness::Readiness;
 use crate::store::Store;
 pub use error::RegistryError;
@@ -178,16 +184,87 @@ pub struct RegistryState {
     pub handler: Handler,
 }
 
+/// The policy side of a listener: the decision gate, where audit records go, and this node's
+/// name for both.
+#[derive(Clone)]
+pub struct Guard {
+    pub gate: Gate,
+    pub audit: Arc<dyn AuditSink>,
+    pub node: String,
+}
+
+impl Guard {
+    /// Allow everything, resolve every tag, audit nothing: the behaviour before policies.
+    pub fn open() -> Guard {
+        Guard {
+            gate: Gate::allow_all(),
+            audit: Arc::new(NullSink),
+            node: String::new(),
+        }
+    }
+
+    /// The policy input for a request on `handler`.
+    pub fn input(&self, req: &PullRequest, handler: Handler) -> policy::Input {
+        let (tag, digest, is_tag) = match &req.path.target {
+            Target::Tag(t) => (Some(t.clone()), None, true),
+            Target::Digest(d) => (None, Some(d.to_string()), false),
+        };
+        let from_peer = handler == Handler::Peer || req.hop;
+        policy::Input {
+            request: policy::RequestInput {
+                action: policy::Action::Serve,
+                kind: req.path.kind.as_str().to_owned(),
+                method: if req.head { "HEAD" } else { "GET" }.to_owned(),
+                source: if from_peer {
+                    policy::Source::Peer
+                } else {
+                    policy::Source::Local
+                },
+                reference: req.path.target.to_string(),
+                is_tag,
+            },
+            image: policy::ImageInput {
+                registry: req.ns.clone().unwrap_or_default(),
+                repository: req.path.name.clone(),
+                tag,
+                digest,
+            },
+            node: policy::NodeInput {
+                name: self.node.clone(),
+            },
+            namespaces: Vec::new(),
+            peer: from_peer.then(|| policy::PeerInput {
+                id: None,
+                addr: Some(req.client.to_string()),
+            }),
+            grant: None,
+        }
+    }
+}
+
+/// What the HTTP handlers share: the listener's state and its guard.
+#[derive(Clone)]
+struct Served {
+    state: RegistryState,
+    guard: Guard,
+}
+
 /// The containerd-facing or peer-facing app (which one is decided by `state.mirror` and
-/// `state.handler`). Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+/// `state.handler`), with no policy (everything allowed) and no audit trail. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()`.
 pub fn app(state: RegistryState) -> HttpRouter {
+    app_with(state, Guard::open())
+}
+
+/// [`app`] with a policy gate and an audit sink.
+pub fn app_with(state: RegistryState, guard: Guard) -> HttpRouter {
     HttpRouter::new()
         .route("/v2", get(v2_root))
         .route("/v2/", get(v2_root))
         .route("/readyz", get(readyz))
         .route("/livez", get(|| async { "ok\n" }))
         .fallback(pull)
-        .with_state(state)
+        .with_state(Served { state, guard })
 }
 
 /// `GET /v2/`: the API version check (distribution spec, "Determining support").
@@ -201,8 +278,8 @@ async fn v2_root() -> impl IntoResponse {
     )
 }
 
-pub(crate) async fn readyz(State(state): State<RegistryState>) -> Response {
-    readiness_response(&state.readiness)
+async fn readyz(State(served): State<Served>) -> Response {
+    readiness_response(&served.state.readiness)
 }
 
 /// `/readyz` body and status for a readiness latch.
@@ -216,7 +293,7 @@ pub fn readiness_response(readiness: &Readiness) -> Response {
 }
 
 async fn pull(
-    State(state): State<RegistryState>,
+    State(Served { state, guard }): State<Served>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
@@ -235,7 +312,7 @@ async fn pull(
         }
         Ok(req) => {
             let kind = req.path.kind.as_str();
-            let (response, outcome) = state.answer(req, started).await;
+            let (response, outcome) = state.answer(&guard, req, started).await;
             (response, kind, Some(outcome))
         }
     };
@@ -266,8 +343,30 @@ async fn pull(
 impl RegistryState {
     /// Answers a valid request: local store first, then peers (mirror endpoint only, and never
     /// for a request that already came from a peer), else 404.
-    async fn answer(&self, req: PullRequest, started: Instant) -> (Response, Outcome) {
-        let log = serve::AccessLog::new(&req, self.handler, started);
+    async fn answer(
+        &self,
+        guard: &Guard,
+        req: PullRequest,
+        started: Instant,
+    ) -> (Response, Outcome) {
+        let log = serve::AccessLog::new(&req, self.handler, started, guard);
+        let input = guard.input(&req, self.handler);
+        let decision = guard.gate.decide(&input);
+        let permitted = Gate::permits(&decision, &input);
+        log.decided(permitted, &decision.reason);
+        if !permitted {
+            // Not from us: containerd goes to the next host and finally upstream.
+            tracing::debug!(
+                registry = req.ns.as_deref().unwrap_or(""),
+                reference = %req.path.target,
+                decision = "deny",
+                reason = %decision.reason,
+                "policy denied"
+            );
+            let e = req.not_found();
+            log.finish(e.status(), 0, "none");
+            return (e.into_response(), Outcome::Miss);
+        }
         let digest = match &req.path.target {
             Target::Digest(d) => Some(d.clone()),
             // A tag means nothing without its registry: answer 404, never 5xx.
@@ -283,6 +382,7 @@ impl RegistryState {
             },
         };
         if let Some(digest) = digest {
+            log.set_digest(digest.to_string());
             match serve::local(self, &req, &digest, log.clone()).await {
                 Ok(Some(response)) => return (response, Outcome::Local),
                 Ok(None) => {}

@@ -1,10 +1,10 @@
 //! Writing successful responses: content from this node's store (with `Range` support), the
-//! byte-counting body wrapper shared with the mirror path, and the one access-log line each
+//! byte-counting body wrapper shared with the mirror path, and the one audit record each
 //! request produces once its body is finished (or abandoned).
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -16,15 +16,17 @@ use futures::stream::BoxStream;
 use http::{HeaderValue, StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 
-use super::{PullRequest, RegistryError, RegistryState};
+use super::{Guard, PullRequest, RegistryError, RegistryState};
+use crate::audit::{AuditRecord, AuditSink};
 use crate::metrics::{BytesLabels, Handler, Source};
 use crate::oci::range::parse_range;
 use crate::oci::{Digest, Kind, media};
 
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
-/// One access-log line per request, written once: when an error is answered, when a HEAD is
-/// answered, or when a body has been fully sent or dropped by the client.
+/// One audit record per request, written once: when an error is answered, when a HEAD is
+/// answered, or when a body has been fully sent or dropped by the client (a client that
+/// disconnects mid-blob still gets its record, with the short byte count).
 #[derive(Clone)]
 pub struct AccessLog(Arc<AccessInner>);
 
@@ -35,13 +37,27 @@ struct AccessInner {
     handler: Handler,
     kind: Kind,
     registry: String,
+    repository: String,
     reference: String,
     client: std::net::SocketAddr,
     hop: bool,
+    node: String,
+    audit: Arc<dyn AuditSink>,
+    // A std Mutex: set once or twice per request, never held across an `.await`.
+    learned: Mutex<Learned>,
+}
+
+/// What the request learns on its way: the decision, the digest, the peer that served it.
+#[derive(Default)]
+struct Learned {
+    allowed: Option<bool>,
+    reason: String,
+    digest: Option<String>,
+    peer: Option<String>,
 }
 
 impl AccessLog {
-    pub fn new(req: &PullRequest, handler: Handler, started: Instant) -> AccessLog {
+    pub fn new(req: &PullRequest, handler: Handler, started: Instant, guard: &Guard) -> AccessLog {
         AccessLog(Arc::new(AccessInner {
             done: AtomicBool::new(false),
             started,
@@ -49,33 +65,94 @@ impl AccessLog {
             handler,
             kind: req.path.kind,
             registry: req.ns.clone().unwrap_or_default(),
-            reference: format!("{}:{}", req.path.name, req.path.target),
+            repository: req.path.name.clone(),
+            reference: req.path.target.to_string(),
             client: req.client,
             hop: req.hop,
+            node: guard.node.clone(),
+            audit: guard.audit.clone(),
+            learned: Mutex::new(Learned {
+                digest: match &req.path.target {
+                    crate::oci::Target::Digest(d) => Some(d.to_string()),
+                    crate::oci::Target::Tag(_) => None,
+                },
+                ..Learned::default()
+            }),
         }))
     }
 
-    /// Writes the line (only the first call writes).
+    fn learned(&self) -> std::sync::MutexGuard<'_, Learned> {
+        self.0.learned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the policy decision.
+    pub fn decided(&self, allowed: bool, reason: &str) {
+        let mut l = self.learned();
+        l.allowed = Some(allowed);
+        l.reason = reason.to_owned();
+    }
+
+    /// Records the digest being served (what a tag resolved to).
+    pub fn set_digest(&self, digest: String) {
+        self.learned().digest = Some(digest);
+    }
+
+    /// Records the peer the bytes come from.
+    pub fn set_peer(&self, peer: String) {
+        self.learned().peer = Some(peer);
+    }
+
+    /// Writes the record (only the first call writes). `source` is where the bytes came from:
+    /// `local`, `peer`, or `none` (nobody had it: containerd goes upstream).
     pub fn finish(&self, status: StatusCode, bytes: u64, source: &str) {
         let a = &self.0;
         if a.done.swap(true, Ordering::AcqRel) {
             return;
         }
-        tracing::info!(
-            target: "speculum::access",
-            handler = ?a.handler,
-            method = a.method,
-            kind = a.kind.as_str(),
-            registry = %a.registry,
-            reference = %a.reference,
-            client.addr = %a.client,
-            hop = a.hop,
-            source,
-            http.status = status.as_u16(),
+        let learned = std::mem::take(&mut *self.learned());
+        let from_peer = a.handler == Handler::Peer || a.hop;
+        let record = AuditRecord {
+            time: crate::audit::now(),
+            event: "request".to_owned(),
+            node: a.node.clone(),
+            client: a.client.to_string(),
+            source: if from_peer { "peer" } else { "containerd" }.to_owned(),
+            registry: a.registry.clone(),
+            repository: a.repository.clone(),
+            reference: a.reference.clone(),
+            digest: learned.digest,
+            kind: a.kind.as_str().to_owned(),
+            method: a.method.to_owned(),
+            namespaces: Vec::new(),
+            decision: match learned.allowed {
+                Some(true) | None => "allow",
+                Some(false) => "deny",
+            }
+            .to_owned(),
+            reason: learned.reason,
+            served_from: match source {
+                "local" => "local",
+                "peer" => "peer",
+                _ => "upstream",
+            }
+            .to_owned(),
+            peer: learned.peer,
+            status: status.as_u16(),
             bytes,
-            elapsed_ms = a.started.elapsed().as_millis() as u64,
+            duration_ms: a.started.elapsed().as_secs_f64() * 1000.0,
+        };
+        tracing::debug!(
+            handler = ?a.handler,
+            registry = %record.registry,
+            reference = %record.reference,
+            client.addr = %a.client,
+            http.status = record.status,
+            bytes,
+            source,
+            decision = %record.decision,
             "request"
         );
+        a.audit.record(record);
     }
 }
 

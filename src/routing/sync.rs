@@ -59,12 +59,24 @@ impl SyncConfig {
 /// Decides whether an image may be advertised (the policy hook; everything by default).
 pub type ImageFilter = Arc<dyn Fn(&Image) -> bool + Send + Sync>;
 
+/// What may be announced of one image: its content (every digest of its closure) and its tag
+/// key. A tag the cluster must not resolve (`resolveLatestTag=false`, say) is not announced,
+/// while its content still is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advert {
+    pub content: bool,
+    pub tag: bool,
+}
+
+/// The richer policy hook: decides per image what of it is advertised.
+pub type AdvertFilter = Arc<dyn Fn(&Image) -> Advert + Send + Sync>;
+
 /// The advertisement loop. Build it, then `run` it until shutdown.
 pub struct Advertiser {
     store: Arc<dyn Store>,
     router: Arc<dyn Router>,
     config: SyncConfig,
-    filter: ImageFilter,
+    filter: AdvertFilter,
     metrics: Metrics,
     readiness: Readiness,
     advertised: BTreeSet<String>,
@@ -85,7 +97,10 @@ impl Advertiser {
             store,
             router,
             config,
-            filter: Arc::new(|_| true),
+            filter: Arc::new(|_| Advert {
+                content: true,
+                tag: true,
+            }),
             metrics,
             readiness,
             advertised: BTreeSet::new(),
@@ -95,6 +110,18 @@ impl Advertiser {
     /// Only images the filter accepts are advertised (what may not be served is not
     /// advertised either).
     pub fn with_filter(mut self, filter: ImageFilter) -> Advertiser {
+        self.filter = Arc::new(move |image| {
+            let ok = filter(image);
+            Advert {
+                content: ok,
+                tag: ok,
+            }
+        });
+        self
+    }
+
+    /// Like [`Advertiser::with_filter`], deciding content and tag separately.
+    pub fn with_advert_filter(mut self, filter: AdvertFilter) -> Advertiser {
         self.filter = filter;
         self
     }
@@ -202,14 +229,17 @@ impl Advertiser {
     async fn wanted(&self) -> Result<BTreeSet<String>, StoreError> {
         let mut wanted = BTreeSet::new();
         for image in self.store.images().await? {
-            if !(self.filter)(&image) {
+            let advert = (self.filter)(&image);
+            if !advert.content {
                 continue;
             }
             let digests = closure(self.store.as_ref(), &image.digest).await?;
             if digests.is_empty() {
                 continue; // an image record whose content is gone
             }
-            wanted.extend(image.tag_key());
+            if advert.tag {
+                wanted.extend(image.tag_key());
+            }
             wanted.extend(digests.iter().map(ToString::to_string));
         }
         Ok(wanted)

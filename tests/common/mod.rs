@@ -3,3 +3,4 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod k8s;

@@ -35,6 +35,9 @@ RIG_TIMEOUT=${RIG_TIMEOUT:-60}                 # seconds for any bounded wait in
 SPECULUM_BIN=${SPECULUM_BIN:-$RIG_REPO/target/debug/speculum}
 # The rig's own knobs are RIG_*: the daemon reads SPECULUM_<SECTION>_<KEY> as settings.
 RIG_STOP_TIMEOUT=${RIG_STOP_TIMEOUT:-30}
+# The daemon's tag switches, written into each node's speculum.yaml by write_speculum_config.
+RIG_RESOLVE_TAGS=${RIG_RESOLVE_TAGS:-true}
+RIG_RESOLVE_LATEST_TAG=${RIG_RESOLVE_LATEST_TAG:-true}
 # Answers 200 once the daemon's listeners, containerd and first reconcile are ready.
 RIG_READY_URL=${RIG_READY_URL:-http://127.0.0.1:9402/readyz}
 RIG_METRICS_URL=${RIG_METRICS_URL:-http://127.0.0.1:9402/metrics}
@@ -397,6 +400,16 @@ upstream_gets() {
 		"$RIG_DIR/upstream/access.log"
 }
 
+# upstream_requests METHOD PATTERN [CLIENT_IP]: like upstream_gets, for any method (containerd
+# resolves tags with HEAD).
+upstream_requests() {
+	local method=$1 pattern=$2 client=${3:-}
+	[[ -f $RIG_DIR/upstream/access.log ]] || { echo 0; return 0; }
+	awk -v c="$client" -v p="$pattern" -v m="\"$method " \
+		'(c == "" || $1 == c) && index($0, m) && index($0, p) { n++ } END { print n + 0 }' \
+		"$RIG_DIR/upstream/access.log"
+}
+
 # --- containerd per node -------------------------------------------------------------------------
 write_containerd_config() {
 	local n=$1 d
@@ -498,6 +511,11 @@ write_speculum_config() {
 		  certs_dir: "$(node_certs "$n")"
 		  mirrored_registries: ["http://$(upstream_host)"]
 		  mirror_endpoint: "http://127.0.0.1:5080"
+		policy:
+		  resolve_tags: $RIG_RESOLVE_TAGS
+		  resolve_latest_tag: $RIG_RESOLVE_LATEST_TAG
+		audit:
+		  file: "$d/audit.jsonl"
 	EOF
 }
 
@@ -564,8 +582,28 @@ with_lock() {
 	check_rig_dir
 	mkdir -p "$(dirname "$RIG_DIR")"
 	exec 9>"$RIG_DIR.lock"
-	flock -w "$RIG_TIMEOUT" 9 || die "another rig.sh up/down holds $RIG_DIR.lock"
+	# The default lock file is also the machine-wide rig lock that callers hold for a whole test
+	# (`flock /tmp/speculum-rig.lock cargo test …`, tests/cluster.rs): when an ancestor holds it,
+	# we are inside that caller and locking again would wait for ourselves.
+	if ! lock_held_by_ancestor "$RIG_DIR.lock"; then
+		flock -w "$RIG_TIMEOUT" 9 || die "another rig.sh up/down holds $RIG_DIR.lock"
+	fi
 	"$@"
+}
+
+# lock_held_by_ancestor FILE: true when this shell or one of its ancestors holds a flock on FILE
+# (/proc/locks names the holder's pid and the file's inode; waiters are marked "->").
+lock_held_by_ancestor() {
+	local ino holders pid=$$ i
+	ino=$(stat -L -c %i "$1" 2>/dev/null) || return 1
+	holders=$(awk -v ino="$ino" '$2 == "FLOCK" { n = split($6, a, ":"); if (a[n] == ino) print $5 }' /proc/locks)
+	[[ -n $holders ]] || return 1
+	for ((i = 0; i < 64 && pid > 1; i++)); do
+		grep -qx "$pid" <<<"$holders" && return 0
+		pid=$(awk '{ sub(/.*\) /, ""); print $2 }' "/proc/$pid/stat" 2>/dev/null) || return 1
+		[[ $pid =~ ^[0-9]+$ ]] || return 1
+	done
+	return 1
 }
 
 # check_rig_dir: the rig deletes things under RIG_DIR, so it must be a plain absolute path of

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""HEAD latency of two registries, interleaved, on kept-alive connections (stdlib only).
+
+One job: time the request containerd sends first — `HEAD /v2/<repo>/manifests/<tag>` with the
+manifest Accept list — against a candidate and a reference server in the same run. Blocks of
+requests alternate between the two so machine noise (other builds on the same cores) hits both
+alike. The client's own cost (~tens of µs in Python) is in both numbers, so the ratio leans
+toward 1; the absolute p50/p99 are upper bounds.
+
+Usage: latency.py COUNT NAME=URL NAME=URL   (URLs on loopback only; prints one JSON object)
+"""
+
+import http.client
+import json
+import sys
+import time
+import urllib.parse
+
+ACCEPT = ", ".join([
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+])
+BLOCK = 50
+WARMUP = 50
+
+
+class Target:
+    def __init__(self, name, url):
+        u = urllib.parse.urlsplit(url)
+        if u.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit(f"latency.py: {url}: loopback only")
+        self.name = name
+        self.host, self.port = u.hostname, u.port or 80
+        self.path = u.path + ("?" + u.query if u.query else "")
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+        self.samples = []
+
+    def once(self):
+        t0 = time.perf_counter_ns()
+        self.conn.request("HEAD", self.path, headers={"Accept": ACCEPT})
+        r = self.conn.getresponse()
+        r.read()
+        dt = time.perf_counter_ns() - t0
+        if r.status != 200 or not r.getheader("Docker-Content-Digest"):
+            raise SystemExit(f"latency.py: {self.name}: status {r.status}, "
+                             f"digest {r.getheader('Docker-Content-Digest')!r}")
+        return dt
+
+
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round((len(v) - 1) * p)))]
+
+
+def main(argv):
+    if len(argv) != 4:
+        print(__doc__, file=sys.stderr)
+        return 2
+    count = int(argv[1])
+    targets = [Target(*a.split("=", 1)) for a in argv[2:]]
+    for t in targets:
+        for _ in range(WARMUP):
+            t.once()
+    deadline = time.monotonic() + 120  # bounded whatever COUNT says
+    while len(targets[0].samples) < count and time.monotonic() < deadline:
+        for t in targets:
+            t.samples.extend(t.once() for _ in range(BLOCK))
+    out = {}
+    for t in targets:
+        out[t.name] = {"n": len(t.samples),
+                       "p50_us": pct(t.samples, 0.5) / 1000,
+                       "p99_us": pct(t.samples, 0.99) / 1000}
+    a, b = targets
+    out["ratio_p50"] = round(out[a.name]["p50_us"] / out[b.name]["p50_us"], 3)
+    out["ratio_p99"] = round(out[a.name]["p99_us"] / out[b.name]["p99_us"], 3)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
