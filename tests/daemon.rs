@@ -7,69 +7,15 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::containerd::Containerd;
+use common::daemon::Daemon;
 use speculum::oci::Digest;
 use speculum::store::conformance::{Fixture, Seeder};
 
 const BIG: usize = 96 * 1024 * 1024;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Daemon {
-    child: Child,
-    mirror: SocketAddr,
-    metrics: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn start(rig: &Containerd, dir: &std::path::Path) -> Daemon {
-        let (mirror, peer, metrics) = (free_port(), free_port(), free_port());
-        let log = dir.join("speculum.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_speculum"))
-            .arg("registry")
-            .args(["--mirror-listen", &format!("127.0.0.1:{mirror}")])
-            .args(["--peer-listen", &format!("127.0.0.1:{peer}")])
-            .args(["--registry-port", &peer.to_string()])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--data-dir", &dir.join("data").display().to_string()])
-            .args(["--containerd-socket", &rig.socket.display().to_string()])
-            .args(["--containerd-namespace", &rig.namespace])
-            .args(["--content-dir", &rig.content_dir.display().to_string()])
-            .args(["--set", "registry.drain_grace=20s"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("speculum starts");
-        Daemon {
-            child,
-            mirror: ([127, 0, 0, 1], mirror).into(),
-            metrics: ([127, 0, 0, 1], metrics).into(),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -140,7 +86,7 @@ async fn lone_node_serves_its_store_and_drains_on_sigterm() {
     let fixture = Fixture::new("127.0.0.1:5000");
     rig.seeder().seed(&fixture).await.expect("seed");
     let big = ingest_big(&rig, dir.path());
-    let d = Daemon::start(&rig, dir.path());
+    let d = Daemon::start(&rig, dir.path(), &["--set", "registry.drain_grace=20s"]);
     let base = format!("http://{}", d.mirror);
 
     // A lone node is ready: it can serve its own content.

@@ -12,13 +12,13 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::containerd::Containerd;
+use common::daemon::Daemon;
 use speculum::oci::Digest;
 use speculum::store::conformance::{Fixture, Seeder};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -32,75 +32,6 @@ const REGISTRY: &str = "127.0.0.1:5000";
 const RUN_WITHIN: Duration = Duration::from_secs(240);
 /// What "no growth" allows between two identical rounds.
 const RSS_SLACK_KIB: u64 = 32 * 1024;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Daemon {
-    child: Child,
-    mirror: SocketAddr,
-    metrics: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn start(rig: &Containerd, dir: &Path) -> Daemon {
-        let (mirror, peer, metrics) = (free_port(), free_port(), free_port());
-        let log = dir.join("speculum.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_speculum"))
-            .arg("registry")
-            .args(["--mirror-listen", &format!("127.0.0.1:{mirror}")])
-            .args(["--peer-listen", &format!("127.0.0.1:{peer}")])
-            .args(["--registry-port", &peer.to_string()])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--data-dir", &dir.join("data").display().to_string()])
-            .args(["--containerd-socket", &rig.socket.display().to_string()])
-            .args(["--containerd-namespace", &rig.namespace])
-            .args(["--content-dir", &rig.content_dir.display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("speculum starts");
-        raise_nofile(child.id());
-        Daemon {
-            child,
-            mirror: ([127, 0, 0, 1], mirror).into(),
-            metrics: ([127, 0, 0, 1], metrics).into(),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Current and peak resident set size in KiB, from /proc.
-    fn rss(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// 1,000 sockets on each side may exceed a default soft limit of 1024 descriptors; raise it for
 /// `pid` (best effort: where it cannot be raised, the run reports connect errors).
@@ -287,7 +218,8 @@ async fn thousand_connections_ten_thousand_requests() {
         .collect();
     let big_digest = ingest(&rig, dir.path(), &big);
     let big = Arc::new(big);
-    let d = Daemon::start(&rig, dir.path());
+    let d = Daemon::start(&rig, dir.path(), &[]);
+    raise_nofile(d.child.id());
 
     // Ready (bounded poll).
     let deadline = Instant::now() + Duration::from_secs(30);

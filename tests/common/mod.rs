@@ -3,4 +3,5 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod daemon;
 pub mod k8s;

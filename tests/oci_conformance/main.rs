@@ -13,93 +13,17 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use common::containerd::Containerd;
+use common::daemon::Daemon;
 use speculum::oci::Digest;
 use speculum::store::conformance::{Blob, Fixture, Seeder};
 
 /// The fixture's upstream registry name (only a label here: nothing is contacted).
 const REGISTRY: &str = "127.0.0.1:5000";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Daemon {
-    child: Child,
-    mirror: SocketAddr,
-    metrics: SocketAddr,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(rig: &Containerd, dir: &Path) -> Daemon {
-        let (mirror, peer, metrics) = (free_port(), free_port(), free_port());
-        let log = dir.join("speculum.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_speculum"))
-            .arg("registry")
-            .args(["--mirror-listen", &format!("127.0.0.1:{mirror}")])
-            .args(["--peer-listen", &format!("127.0.0.1:{peer}")])
-            .args(["--registry-port", &peer.to_string()])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--data-dir", &dir.join("data").display().to_string()])
-            .args(["--containerd-socket", &rig.socket.display().to_string()])
-            .args(["--containerd-namespace", &rig.namespace])
-            .args(["--content-dir", &rig.content_dir.display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("speculum starts");
-        Daemon {
-            child,
-            mirror: ([127, 0, 0, 1], mirror).into(),
-            metrics: ([127, 0, 0, 1], metrics).into(),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_ready(d: &Daemon) {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client");
-    let url = format!("http://{}/readyz", d.metrics);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client.get(&url).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon never ready; log:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// The suite's printed summary: the overall result and the count per status.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -211,8 +135,8 @@ async fn oci_conformance_pull_workflow_passes_against_a_daemon() {
         .seed(&fixture)
         .await
         .expect("seed via ctr import");
-    let d = Daemon::start(&rig, dir.path());
-    wait_ready(&d).await;
+    let d = Daemon::start(&rig, dir.path(), &[]);
+    d.wait_ready(Duration::from_secs(30)).await;
 
     let manifests = [
         &fixture.oci_index,
