@@ -306,8 +306,53 @@ async fn five_container_pod_admission() {
         cold1.push(admit(&client, &base, &pod_review(&format!("c1-{i}"), &one), 1).await);
     }
 
-    // (2) Warm: the same pod again and again; references over the same connection.
+    // (1b) The same question without the webhook around it: one resolver, no cache, five
+    // resolutions with `join_all` (what `Admitter::pin_object` does) against the same five one
+    // after another, so the 5/1 ratio above can be told apart from what 2 vCPUs shared with
+    // the registry allow.
+    let direct = Resolver::new(
+        ResolverConfig {
+            cache_ttl: Duration::ZERO,
+            registries: [(
+                host.clone(),
+                RegistryOptions {
+                    insecure: true,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..ResolverConfig::default()
+        },
+        Arc::new(Metrics::new()),
+    );
+    let keys = Keychain::default();
     let warm_images: Vec<String> = repos.iter().map(|r| format!("{host}/{r}:warm")).collect();
+    for img in &warm_images {
+        direct.resolve(img, &keys).await.expect("prime");
+    }
+    let (mut joined, mut serial, mut single) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..COLD_PODS {
+        let t = Instant::now();
+        for r in
+            futures::future::join_all(warm_images.iter().map(|i| direct.resolve(i, &keys))).await
+        {
+            r.expect("resolve");
+        }
+        joined.push(t.elapsed());
+        let t = Instant::now();
+        for img in &warm_images {
+            direct.resolve(img, &keys).await.expect("resolve");
+        }
+        serial.push(t.elapsed());
+        let t = Instant::now();
+        direct
+            .resolve(&warm_images[0], &keys)
+            .await
+            .expect("resolve");
+        single.push(t.elapsed());
+    }
+
+    // (2) Warm: the same pod again and again; references over the same connection.
     let warm5_body = pod_review("w5", &warm_images);
     let warm1_body = pod_review("w1", &warm_images[..1]);
     admit(&client, &base, &warm5_body, 5).await;
@@ -376,6 +421,18 @@ async fn five_container_pod_admission() {
         "cold ratio 5/1: p50 {:.2}x p99 {:.2}x (1.0 = fully concurrent, 5.0 = one after another)",
         ratio(c5, c1),
         ratio(c5_99, c1_99)
+    );
+    let (j, j99) = p50_p99(&joined);
+    let (s5, s5_99) = p50_p99(&serial);
+    let (s1, s1_99) = p50_p99(&single);
+    println!(
+        "resolver alone, no cache ({} rounds): 5 joined p50 {j:?} p99 {j99:?}; 5 one after another p50 {s5:?} p99 {s5_99:?}; 1 p50 {s1:?} p99 {s1_99:?}",
+        joined.len()
+    );
+    println!(
+        "resolver alone ratios: joined/one p50 {:.2}x; one-after-another/one p50 {:.2}x",
+        ratio(j, s1),
+        ratio(s5, s1)
     );
     println!(
         "warm 5-image pod ({} reqs): p50 {w5:?} p99 {w5_99:?}",
