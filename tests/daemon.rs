@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::containerd::Containerd;
 use common::daemon::Daemon;
 use speculum::oci::Digest;
-use speculum::store::conformance::{Fixture, Seeder};
+use speculum::store::conformance::{Fixture, Seeder, pseudo_random};
 
 const BIG: usize = 96 * 1024 * 1024;
 
@@ -50,15 +50,7 @@ async fn wait_status(url: &str, want: u16, within: Duration, d: &Daemon) {
 /// Puts a large blob into containerd's content store (no image needed: digests are served
 /// for any content the node holds).
 fn ingest_big(rig: &Containerd, dir: &std::path::Path) -> Digest {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let data: Vec<u8> = (0..BIG)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = pseudo_random(0x9e37_79b9_7f4a_7c15, BIG);
     let digest = Digest::sha256_of(&data);
     let path = dir.join("big.bin");
     std::fs::File::create(&path)

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::containerd::Containerd;
 use common::daemon::Daemon;
 use speculum::oci::Digest;
-use speculum::store::conformance::{Fixture, Seeder};
+use speculum::store::conformance::{Fixture, Seeder, pseudo_random};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -207,15 +207,7 @@ async fn thousand_connections_ten_thousand_requests() {
     let rig = Containerd::start(dir.path()).expect("containerd");
     let fixture = Fixture::new(REGISTRY);
     rig.seeder().seed(&fixture).await.expect("seed");
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let big: Vec<u8> = (0..BIG)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let big = pseudo_random(0x2545_f491_4f6c_dd1d, BIG);
     let big_digest = ingest(&rig, dir.path(), &big);
     let big = Arc::new(big);
     let d = Daemon::start(&rig, dir.path(), &[]);

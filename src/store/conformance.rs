@@ -780,7 +780,9 @@ fn go_arch() -> &'static str {
 }
 
 /// Deterministic incompressible bytes (xorshift64*).
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+/// Deterministic, incompressible-looking bytes (xorshift64*), for fixtures and tests that need
+/// large content whose digest is the same on every run.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
