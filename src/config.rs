@@ -19,6 +19,7 @@ use crate::registry::MirrorConfig;
 use crate::routing::kademlia::KademliaConfig;
 use crate::routing::sync::SyncConfig;
 use crate::store::containerd::ContainerdConfig;
+use crate::tenancy::TenancyConfig;
 
 /// The whole configuration. YAML keys are the field names below.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -35,6 +36,8 @@ pub struct Config {
     /// The Rego bundle and the `resolve_tags` / `resolve_latest_tag` switches.
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
+    /// Multi-tenant protection: pod index, grants, peer authentication.
+    pub tenancy: TenancyConfig,
     pub log: LogConfig,
 }
 
@@ -206,6 +209,7 @@ impl Config {
             "hosts" => self.hosts = v(value)?,
             "policy" => self.policy = v(value)?,
             "audit" => self.audit = v(value)?,
+            "tenancy" => self.tenancy = v(value)?,
             "log" => self.log = v(value)?,
             other => {
                 return Err(serde::de::Error::custom(format!(
@@ -226,6 +230,7 @@ impl Config {
         errors.extend(self.hosts.validate());
         errors.extend(self.policy.validate());
         errors.extend(self.audit.validate());
+        errors.extend(self.tenancy.validate());
         if !matches!(self.log.format.as_str(), "json" | "text") {
             errors.push(format!(
                 "log.format must be json or text, got {:?}",

@@ -17,6 +17,8 @@
 //! - [`hosts`]: rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml`.
 //! - [`config`]: defaults → YAML file → `SPECULUM_*` environment → flags, validated at once.
 //! - [`metrics`]: the daemon's own Prometheus registry (no globals).
+//! - [`tenancy`]: multi-tenant protection: node pod index, peer authentication (grants: the
+//!   `speculum-grant` crate).
 //! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.
 
 pub mod app;
@@ -31,3 +33,4 @@ pub mod registry;
 pub mod routing;
 pub mod shutdown;
 pub mod store;
+pub mod tenancy;
