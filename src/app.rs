@@ -19,13 +19,15 @@ use crate::config::Config;
 use crate::metrics::{Handler, Metrics};
 use crate::policy::reload as policy_reload;
 use crate::readiness::Readiness;
-use crate::registry::{self, Guard, Mirror, RegistryState};
+use crate::registry::{self, Guard, Mirror, RegistryState, TenancyGuard};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
 use crate::routing::sync::Advertiser;
 use crate::shutdown::{self, Shutdown};
 use crate::store::Store;
 use crate::store::containerd::ContainerdStore;
+use crate::tenancy::Tenancy;
+use crate::tenancy::grants::{GrantChecker, GrantKeys};
 
 /// How often health gauges (peers, containerd reachability, routing readiness) refresh.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -49,10 +51,30 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     let audit: Arc<dyn AuditSink> = Arc::new(
         JsonlSink::start(&config.audit, metrics.audit.clone()).context("starting the audit log")?,
     );
+    // Tenancy before anything serves: a private object is never served before the pod index,
+    // the grant keys and the peer verifier are in place. A bad key file fails the start.
+    let (tenancy_stop, tenancy_shutdown) = shutdown::channel();
+    let tenancy = Tenancy::build(&config.tenancy, &config.node.name, tenancy_shutdown)
+        .await
+        .context("starting tenancy (pod index, peer authentication)")?;
+    tracing::info!(?tenancy, "tenancy");
+    let grant_keys = Arc::new(GrantKeys::new(
+        config.tenancy.grants.keys_dir.clone(),
+        config.tenancy.grants.audience.clone(),
+    ));
     let guard = Guard {
         gate: gate.clone(),
         audit,
         node: config.node.name.clone(),
+        tenancy: TenancyGuard {
+            pods: tenancy.pods.clone(),
+            grants: Some(Arc::new(GrantChecker::new(
+                grant_keys,
+                tenancy.pods.clone(),
+            ))),
+            tokens: tenancy.tokens.clone(),
+            verifier: tenancy.verifier.clone(),
+        },
     };
     let (policy_stop, policy_shutdown) = shutdown::channel();
     let policy_task = tokio::spawn(policy_reload::watch(
@@ -153,6 +175,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     health.abort();
     policy_stop.fire();
     policy_task.abort();
+    tenancy_stop.fire();
     sync_stop.fire();
     if tokio::time::timeout(Duration::from_secs(5), &mut sync_task)
         .await

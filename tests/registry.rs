@@ -653,6 +653,7 @@ mod guarded {
             gate: Gate::new(policy, switches, PolicyMetrics::unregistered()),
             audit: Arc::new(audit.clone()),
             node: "node-1".to_owned(),
+            tenancy: Default::default(),
         }
     }
 

@@ -46,8 +46,13 @@ pub struct AuditRecord {
     pub kind: String,
     /// `GET` or `HEAD`.
     pub method: String,
-    /// Namespaces of pods waiting for the image (filled by the tenancy issue).
+    /// Namespaces of pods waiting for the image: on the mirror endpoint, pods on this node
+    /// (the node pod index); on the peer endpoint, the namespaces named by presented grants.
     pub namespaces: Vec<String>,
+    /// Peer endpoint: the node the requesting daemon proved it runs on (peer authentication).
+    pub requester: Option<String>,
+    /// The grant a private object was served under: `namespace/pod`.
+    pub grant: Option<String>,
     /// `allow` or `deny`.
     pub decision: String,
     pub reason: String,

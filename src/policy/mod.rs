@@ -45,7 +45,9 @@ pub struct Input {
     pub namespaces: Vec<String>,
     /// The other daemon involved: the requester on the peer endpoint; `null` otherwise.
     pub peer: Option<PeerInput>,
-    /// The grant presented for a private image (filled by the tenancy issue; `null` until then).
+    /// For an object the policy marked `require_grant`: the grant that passed every check
+    /// (`{namespace, pod, repository, digest, expires}`, see `docs/tenancy.md`); `null`
+    /// otherwise. The policy is asked again with it filled in.
     pub grant: Option<serde_json::Value>,
 }
 
@@ -108,6 +110,8 @@ pub struct PeerInput {
     pub id: Option<String>,
     /// The socket address the request came from.
     pub addr: Option<String>,
+    /// The node the requesting daemon proved it runs on (peer authentication), when on.
+    pub node: Option<String>,
 }
 
 /// The policy's answer (`data.speculum.mirror.decision`).

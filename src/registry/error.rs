@@ -26,6 +26,13 @@ pub enum RegistryError {
     },
     #[error("only GET and HEAD are supported: this is a pull-only mirror")]
     MethodNotAllowed,
+    /// Peer endpoint: the request carries no valid proof that a daemon of this cluster sent it.
+    #[error("peer authentication required: {0}")]
+    Unauthorized(&'static str),
+    /// Peer endpoint: an authenticated daemon asked for a private object without a grant that
+    /// covers it (the reason names the check that failed).
+    #[error("{0}")]
+    Denied(String),
 }
 
 impl RegistryError {
@@ -41,6 +48,8 @@ impl RegistryError {
             RegistryError::BlobUnknown => ErrorCode::BlobUnknown,
             RegistryError::Range { .. } => ErrorCode::RangeInvalid,
             RegistryError::MethodNotAllowed => ErrorCode::Unsupported,
+            RegistryError::Unauthorized(_) => ErrorCode::Unauthorized,
+            RegistryError::Denied(_) => ErrorCode::Denied,
         }
     }
 
@@ -67,6 +76,13 @@ impl IntoResponse for RegistryError {
             && let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}"))
         {
             headers.insert(header::CONTENT_RANGE, v);
+        }
+        if code == ErrorCode::Unauthorized {
+            // RFC 9110, 11.6.1: a 401 names the scheme it wants.
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"speculum-peer\""),
+            );
         }
         if code == ErrorCode::Unsupported {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

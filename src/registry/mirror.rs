@@ -198,7 +198,10 @@ impl Mirror {
         } else {
             reqwest::Method::GET
         };
-        self.client.request(method, url).header(HOP_HEADER, "1")
+        self.client
+            .request(method, url)
+            .header(HOP_HEADER, "1")
+            .headers(req.peer_headers.clone())
     }
 
     /// A manifest from one peer: buffered whole and checked against its digest.
@@ -311,6 +314,7 @@ impl Mirror {
             peers: std::mem::replace(peers, PeerQueue::empty()),
             client: self.client.clone(),
             path: req.peer_path(),
+            headers: req.peer_headers.clone(),
             budget: self.config.attempts,
             metrics: self.metrics.clone(),
             failed: false,
@@ -430,6 +434,8 @@ struct Resume {
     peers: PeerQueue,
     client: reqwest::Client,
     path: String,
+    /// Peer token and grants, sent again on every resume.
+    headers: http::HeaderMap,
     budget: usize,
     metrics: Metrics,
     failed: bool,
@@ -486,6 +492,7 @@ impl Resume {
                 .client
                 .get(format!("http://{}{}", peer.addr, self.path))
                 .header(HOP_HEADER, "1")
+                .headers(self.headers.clone())
                 .header(header::RANGE, format!("bytes={}-{}", self.next, self.end))
                 .send()
                 .await;

@@ -32,10 +32,14 @@ use crate::audit::{AuditSink, NullSink};
 use crate::metrics::{Handler, Metrics, MirrorLabels, Outcome, RequestLabels};
 use crate::oci::path::{PathError, parse_ns, parse_v2_path};
 use crate::oci::range::parse_range;
-use crate::oci::{Kind, Reference, Target, V2Path};
+use crate::oci::{Digest, Kind, Reference, Target, V2Path};
 use crate::policy::{self, Gate};
 use crate::readiness::Readiness;
 use crate::store::Store;
+use crate::tenancy::grants::{GrantChecker, Presented, Refusal};
+use crate::tenancy::peer_auth::{PeerIdentity, PeerTokens, PeerVerifier};
+use crate::tenancy::pods::Pods;
+use crate::tenancy::{GRANT_HEADER, MAX_GRANTS_PER_REQUEST};
 pub use error::RegistryError;
 pub use mirror::{Mirror, MirrorConfig};
 
@@ -55,6 +59,13 @@ pub struct PullRequest {
     /// True when another daemon sent this request.
     pub hop: bool,
     pub client: SocketAddr,
+    /// Grants presented in `x-speculum-grant` headers (peer endpoint; `Err` for a malformed
+    /// one). Bounded to [`MAX_GRANTS_PER_REQUEST`].
+    pub presented: Vec<Result<Presented, ()>>,
+    /// Peer endpoint: who sent the request, once its token verified.
+    pub requester: Option<PeerIdentity>,
+    /// Mirror endpoint: headers to send with this request to peers (peer token, grants).
+    pub peer_headers: HeaderMap,
 }
 
 impl PullRequest {
@@ -90,6 +101,12 @@ impl PullRequest {
                 Some(v.to_owned())
             }
         };
+        let presented = headers
+            .get_all(GRANT_HEADER)
+            .iter()
+            .take(MAX_GRANTS_PER_REQUEST)
+            .map(|v| v.to_str().ok().and_then(Presented::parse).ok_or(()))
+            .collect();
         Ok(PullRequest {
             head,
             path,
@@ -97,6 +114,9 @@ impl PullRequest {
             range,
             hop: headers.contains_key(HOP_HEADER),
             client,
+            presented,
+            requester: None,
+            peer_headers: HeaderMap::new(),
         })
     }
 
@@ -191,6 +211,21 @@ pub struct Guard {
     pub gate: Gate,
     pub audit: Arc<dyn AuditSink>,
     pub node: String,
+    pub tenancy: TenancyGuard,
+}
+
+/// The multi-tenant parts of a listener (`docs/tenancy.md`); all off by default.
+#[derive(Clone, Default)]
+pub struct TenancyGuard {
+    /// The node pod index: fills the policy input `namespaces` on the mirror endpoint.
+    pub pods: Option<Arc<dyn Pods>>,
+    /// Grant checks. `None`: no keys, so objects the policy marks `require_grant` are never
+    /// served peer to peer (or from this node to its containerd through the mirror).
+    pub grants: Option<Arc<GrantChecker>>,
+    /// Mirror endpoint: the proof sent to peers.
+    pub tokens: Option<Arc<dyn PeerTokens>>,
+    /// Peer endpoint: the proof required from peers; `None` accepts anyone.
+    pub verifier: Option<Arc<dyn PeerVerifier>>,
 }
 
 impl Guard {
@@ -200,6 +235,7 @@ impl Guard {
             gate: Gate::allow_all(),
             audit: Arc::new(NullSink),
             node: String::new(),
+            tenancy: TenancyGuard::default(),
         }
     }
 
@@ -236,6 +272,7 @@ impl Guard {
             peer: from_peer.then(|| policy::PeerInput {
                 id: None,
                 addr: Some(req.client.to_string()),
+                node: req.requester.as_ref().map(|r| r.node.clone()),
             }),
             grant: None,
         }
@@ -310,10 +347,18 @@ async fn pull(
             tracing::debug!(client.addr = %client, path = uri.path(), error = %e, "bad request");
             (e.into_response(), "invalid", None)
         }
-        Ok(req) => {
+        Ok(mut req) => {
             let kind = req.path.kind.as_str();
-            let (response, outcome) = state.answer(&guard, req, started).await;
-            (response, kind, Some(outcome))
+            match state
+                .authenticate(&guard, &headers, &mut req, started)
+                .await
+            {
+                Err(response) => (response, kind, Some(Outcome::Miss)),
+                Ok(()) => {
+                    let (response, outcome) = state.answer(&guard, req, started).await;
+                    (response, kind, Some(outcome))
+                }
+            }
         }
     };
     let labels = RequestLabels {
@@ -340,18 +385,105 @@ async fn pull(
     response
 }
 
+/// The bearer token of an `Authorization` header, if that is what it holds.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 impl RegistryState {
+    /// Peer endpoint with a verifier: the request must carry a token proving a daemon of this
+    /// cluster sent it; otherwise 401 and an audit line. Everything else passes untouched.
+    async fn authenticate(
+        &self,
+        guard: &Guard,
+        headers: &HeaderMap,
+        req: &mut PullRequest,
+        started: Instant,
+    ) -> Result<(), Response> {
+        let (Handler::Peer, Some(verifier)) = (self.handler, &guard.tenancy.verifier) else {
+            return Ok(());
+        };
+        let result = match bearer(headers) {
+            None => Err(crate::tenancy::peer_auth::PeerAuthError::Missing),
+            Some(token) => verifier.verify(token).await,
+        };
+        match result {
+            Ok(identity) => {
+                req.requester = Some(identity);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = e.reason();
+                tracing::info!(client.addr = %req.client, reason, "peer request refused: not authenticated");
+                let log = serve::AccessLog::new(req, self.handler, started, guard);
+                log.decided(false, &format!("peer auth: {reason}"));
+                let err = RegistryError::Unauthorized(reason);
+                log.finish(err.status(), 0, "none");
+                Err(err.into_response())
+            }
+        }
+    }
+
     /// Answers a valid request: local store first, then peers (mirror endpoint only, and never
     /// for a request that already came from a peer), else 404.
     async fn answer(
         &self,
         guard: &Guard,
-        req: PullRequest,
+        mut req: PullRequest,
         started: Instant,
     ) -> (Response, Outcome) {
         let log = serve::AccessLog::new(&req, self.handler, started, guard);
-        let input = guard.input(&req, self.handler);
-        let decision = guard.gate.decide(&input);
+        if let Some(who) = &req.requester {
+            log.set_requester(who.node.clone());
+        }
+        let mut input = guard.input(&req, self.handler);
+        input.namespaces = self.namespaces(guard, &req);
+        log.set_namespaces(input.namespaces.clone());
+        let mut decision = guard.gate.decide(&input);
+        // A tag means nothing without its registry: answer 404, never 5xx.
+        let mut digest: Option<Option<Digest>> = None;
+        if decision.require_grant {
+            let granted = match self.handler {
+                Handler::Mirror => self.grants_to_send(guard, &mut req).await,
+                Handler::Peer => {
+                    let d = self.resolve(&req).await;
+                    let result = self.grant_presented(guard, &req, d.as_ref()).await;
+                    digest = Some(d);
+                    result
+                }
+            };
+            match granted {
+                Ok((grant, label)) => {
+                    input.grant = Some(grant);
+                    log.set_grant(label);
+                    decision = guard.gate.decide(&input);
+                }
+                Err(refusal) => {
+                    let reason = refusal.reason();
+                    log.decided(false, &reason);
+                    tracing::debug!(
+                        registry = req.ns.as_deref().unwrap_or(""),
+                        reference = %req.path.target,
+                        decision = "deny",
+                        reason = %reason,
+                        "private object refused"
+                    );
+                    // On the peer endpoint an authenticated daemon learns why (403); containerd
+                    // only ever sees 404 and goes upstream with its own credentials.
+                    let e = match self.handler {
+                        Handler::Peer => RegistryError::Denied(reason),
+                        Handler::Mirror => req.not_found(),
+                    };
+                    log.finish(e.status(), 0, "none");
+                    return (e.into_response(), Outcome::Miss);
+                }
+            }
+        }
         let permitted = Gate::permits(&decision, &input);
         log.decided(permitted, &decision.reason);
         if !permitted {
@@ -367,19 +499,9 @@ impl RegistryState {
             log.finish(e.status(), 0, "none");
             return (e.into_response(), Outcome::Miss);
         }
-        let digest = match &req.path.target {
-            Target::Digest(d) => Some(d.clone()),
-            // A tag means nothing without its registry: answer 404, never 5xx.
-            Target::Tag(tag) => match &req.ns {
-                None => None,
-                Some(ns) => match self.store.resolve(ns, &req.path.name, tag).await {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::warn!(error = %e, registry = %ns, "store resolve failed; trying peers");
-                        None
-                    }
-                },
-            },
+        let digest = match digest {
+            Some(d) => d,
+            None => self.resolve(&req).await,
         };
         if let Some(digest) = digest {
             log.set_digest(digest.to_string());
@@ -395,6 +517,7 @@ impl RegistryState {
         if let (Some(mirror), false) = (&self.mirror, req.hop)
             && let Some(key) = req.key()
         {
+            self.add_peer_token(guard, &mut req).await;
             match mirror.fetch(&key, &req, self, log.clone()).await {
                 Ok(Some(response)) => return (response, Outcome::Peer),
                 Ok(None) => {}
@@ -407,6 +530,138 @@ impl RegistryState {
         let e = req.not_found();
         log.finish(e.status(), 0, "none");
         (e.into_response(), Outcome::Miss)
+    }
+
+    /// The digest the request names, or what its tag resolves to in this node's store.
+    async fn resolve(&self, req: &PullRequest) -> Option<Digest> {
+        match &req.path.target {
+            Target::Digest(d) => Some(d.clone()),
+            Target::Tag(tag) => {
+                let ns = req.ns.as_ref()?;
+                match self.store.resolve(ns, &req.path.name, tag).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(error = %e, registry = %ns, "store resolve failed; trying peers");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// The policy input `namespaces`: pods on this node waiting for the image (mirror
+    /// endpoint), or the namespaces named by the presented grants (peer endpoint; only a grant
+    /// that passes every check lets anything through).
+    fn namespaces(&self, guard: &Guard, req: &PullRequest) -> Vec<String> {
+        let mut out: Vec<String> = match self.handler {
+            Handler::Mirror => match (&guard.tenancy.pods, &req.ns) {
+                (Some(pods), Some(ns)) => pods
+                    .waiting_for(ns, &req.path.name)
+                    .into_iter()
+                    .map(|p| p.namespace)
+                    .collect(),
+                _ => Vec::new(),
+            },
+            Handler::Peer => req
+                .presented
+                .iter()
+                .flatten()
+                .map(|p| p.namespace.clone())
+                .collect(),
+        };
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Mirror endpoint, private object: the grants of this node's waiting pods that verify
+    /// here, put on the request for the peers. None → refused (containerd goes upstream with
+    /// the pod's real credentials).
+    async fn grants_to_send(
+        &self,
+        guard: &Guard,
+        req: &mut PullRequest,
+    ) -> Result<(serde_json::Value, String), Refusal> {
+        let (Some(checker), Some(ns)) = (&guard.tenancy.grants, &req.ns) else {
+            return Err(Refusal::NoGrant);
+        };
+        let candidates = checker.candidates(ns, &req.path.name, MAX_GRANTS_PER_REQUEST);
+        let Some(first) = candidates.first() else {
+            return Err(Refusal::NoGrant);
+        };
+        let claims = checker
+            .keys
+            .verify(&first.token)
+            .map_err(|e| Refusal::Invalid(e.reason()))?;
+        let label = format!("{}/{}", first.namespace, first.pod);
+        let granted = crate::tenancy::grants::Granted {
+            namespace: first.namespace.clone(),
+            pod: first.pod.clone(),
+            claims,
+        };
+        for c in &candidates {
+            if let Ok(v) = http::HeaderValue::from_str(&c.header_value()) {
+                req.peer_headers.append(GRANT_HEADER, v);
+            }
+        }
+        Ok((granted.input(), label))
+    }
+
+    /// Peer endpoint, private object: a presented grant must pass every check against the
+    /// requester's node, the pod directory and this node's store.
+    async fn grant_presented(
+        &self,
+        guard: &Guard,
+        req: &PullRequest,
+        digest: Option<&Digest>,
+    ) -> Result<(serde_json::Value, String), Refusal> {
+        let Some(checker) = &guard.tenancy.grants else {
+            return Err(Refusal::NoGrant);
+        };
+        if req.presented.is_empty() {
+            return Err(Refusal::NoGrant);
+        }
+        // Without peer authentication nobody can say which node asks: fail closed.
+        let Some(requester) = &req.requester else {
+            return Err(Refusal::Invalid("unauthenticated peer"));
+        };
+        // Not in our store: nothing to serve, and no closure to check against.
+        let Some(digest) = digest else {
+            return Err(Refusal::OutsideClosure);
+        };
+        let (Some(ns), name) = (&req.ns, &req.path.name) else {
+            return Err(Refusal::OtherRepository);
+        };
+        let granted = checker
+            .check(
+                &req.presented,
+                &requester.node,
+                ns,
+                name,
+                digest,
+                self.store.as_ref(),
+            )
+            .await?;
+        let label = format!("{}/{}", granted.namespace, granted.pod);
+        Ok((granted.input(), label))
+    }
+
+    /// Mirror endpoint: the token that proves to peers we are a daemon of this cluster.
+    async fn add_peer_token(&self, guard: &Guard, req: &mut PullRequest) {
+        let Some(tokens) = &guard.tenancy.tokens else {
+            return;
+        };
+        match tokens.token().await {
+            Ok(token) => match http::HeaderValue::from_str(&format!("Bearer {token}")) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    req.peer_headers.insert(http::header::AUTHORIZATION, v);
+                }
+                Err(_) => tracing::warn!("peer token is not a valid header value"),
+            },
+            // Peers will answer 401 and containerd goes upstream: slower, never broken.
+            Err(e) => tracing::warn!(error = %e, "no peer token; peers will refuse us"),
+        }
     }
 }
 

@@ -54,6 +54,9 @@ struct Learned {
     reason: String,
     digest: Option<String>,
     peer: Option<String>,
+    namespaces: Vec<String>,
+    requester: Option<String>,
+    grant: Option<String>,
 }
 
 impl AccessLog {
@@ -97,6 +100,21 @@ impl AccessLog {
         self.learned().digest = Some(digest);
     }
 
+    /// Records the namespaces the decision was made for.
+    pub fn set_namespaces(&self, namespaces: Vec<String>) {
+        self.learned().namespaces = namespaces;
+    }
+
+    /// Records the node a peer request proved it came from.
+    pub fn set_requester(&self, node: String) {
+        self.learned().requester = Some(node);
+    }
+
+    /// Records the grant (`namespace/pod`) a private object is served under.
+    pub fn set_grant(&self, grant: String) {
+        self.learned().grant = Some(grant);
+    }
+
     /// Records the peer the bytes come from.
     pub fn set_peer(&self, peer: String) {
         self.learned().peer = Some(peer);
@@ -123,7 +141,9 @@ impl AccessLog {
             digest: learned.digest,
             kind: a.kind.as_str().to_owned(),
             method: a.method.to_owned(),
-            namespaces: Vec::new(),
+            namespaces: learned.namespaces,
+            requester: learned.requester,
+            grant: learned.grant,
             decision: match learned.allowed {
                 Some(true) | None => "allow",
                 Some(false) => "deny",

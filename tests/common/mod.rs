@@ -5,3 +5,4 @@
 pub mod containerd;
 pub mod daemon;
 pub mod k8s;
+pub mod rig;
