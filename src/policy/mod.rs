@@ -470,7 +470,9 @@ impl Gate {
 
     /// What of `image` this node may advertise: its content when the policy allows serving it
     /// to peers, its tag key when, in addition, the switches and the policy let the cluster
-    /// resolve that tag (what may not be served is not advertised).
+    /// resolve that tag (what may not be served is not advertised). A `require_grant` object
+    /// is advertised even when the policy denies it without a grant: serving it checks the
+    /// grant, and a private image nobody may find could never travel peer to peer.
     pub fn advert(&self, image: &crate::store::Image, node: &str) -> crate::routing::sync::Advert {
         let input = Input {
             request: RequestInput {
@@ -496,9 +498,10 @@ impl Gate {
             ..Input::default()
         };
         let d = self.decide(&input);
+        let content = d.allow || d.require_grant;
         crate::routing::sync::Advert {
-            content: d.allow,
-            tag: d.allow && d.resolve_tag,
+            content,
+            tag: content && d.resolve_tag,
         }
     }
 
@@ -511,6 +514,40 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_objects_are_advertised_and_denied_ones_are_not() {
+        let image = crate::store::Image {
+            registry: "ghcr.io".into(),
+            repository: "acme/app".into(),
+            tag: Some("v1".into()),
+            digest: crate::oci::Digest::sha256_of(b"m"),
+        };
+        let switches = Switches {
+            resolve_tags: true,
+            resolve_latest_tag: true,
+        };
+        let private = Decision {
+            allow: false,
+            reason: "private: no grant".into(),
+            resolve_tag: true,
+            require_grant: true,
+        };
+        let cases = [
+            ("private", private, true, true),
+            ("denied", Decision::deny("no"), false, false),
+            ("public", Decision::allow("yes"), true, true),
+        ];
+        for (name, decision, content, tag) in cases {
+            let gate = Gate::new(
+                Arc::new(StaticPolicy::fixed(decision)),
+                switches,
+                PolicyMetrics::unregistered(),
+            );
+            let advert = gate.advert(&image, "n1");
+            assert_eq!((advert.content, advert.tag), (content, tag), "{name}");
+        }
+    }
 
     #[test]
     fn switch_table() {
