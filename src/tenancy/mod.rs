@@ -331,29 +331,29 @@ impl Tenancy {
             )),
         };
         let auth = &config.peer_auth;
-        let (tokens, verifier): (Option<Arc<dyn PeerTokens>>, Option<Arc<dyn PeerVerifier>>) =
-            match auth.mode {
-                PeerAuthMode::None => (None, None),
-                PeerAuthMode::SharedKey => {
-                    let path = auth.shared_key_file.clone().ok_or_else(|| {
-                        TenancyError::Config("tenancy.peer_auth.shared_key_file is required".into())
-                    })?;
-                    let key = Arc::new(
-                        SharedKey::from_file(path, node, auth.token_ttl)?
-                            .with_audience(auth.audience.clone()),
-                    );
-                    (Some(key.clone()), Some(key))
-                }
-                PeerAuthMode::Kubernetes => (
-                    Some(Arc::new(TokenFile::new(auth.token_file.clone()))),
-                    Some(Arc::new(JwksVerifier::new(
-                        need_client("tenancy.peer_auth.mode: kubernetes")?,
-                        auth.audience.clone(),
-                        &auth.service_accounts,
-                        auth.jwks_refresh,
-                    ))),
-                ),
-            };
+        type Pair = (Option<Arc<dyn PeerTokens>>, Option<Arc<dyn PeerVerifier>>);
+        let (tokens, verifier): Pair = match auth.mode {
+            PeerAuthMode::None => (None, None),
+            PeerAuthMode::SharedKey => {
+                let path = auth.shared_key_file.clone().ok_or_else(|| {
+                    TenancyError::Config("tenancy.peer_auth.shared_key_file is required".into())
+                })?;
+                let key = Arc::new(
+                    SharedKey::from_file(path, node, auth.token_ttl)?
+                        .with_audience(auth.audience.clone()),
+                );
+                (Some(key.clone()), Some(key))
+            }
+            PeerAuthMode::Kubernetes => (
+                Some(Arc::new(TokenFile::new(auth.token_file.clone()))),
+                Some(Arc::new(JwksVerifier::new(
+                    need_client("tenancy.peer_auth.mode: kubernetes")?,
+                    auth.audience.clone(),
+                    &auth.service_accounts,
+                    auth.jwks_refresh,
+                ))),
+            ),
+        };
         Ok(Tenancy {
             pods,
             tokens,
@@ -367,6 +367,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    #[allow(clippy::type_complexity)]
     async fn build_table() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("key");

@@ -218,7 +218,7 @@ impl PodSet {
             .pods
             .values()
             .filter(|p| !p.finished && p.info.node == node)
-            .filter(|p| p.repositories.iter().any(|r| *r == wanted))
+            .filter(|p| p.repositories.contains(&wanted))
             .map(|p| p.info.clone())
             .collect();
         found.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -231,6 +231,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn image_repository_table() {
         const D: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let some = |r: &str, p: &str| Some((r.to_owned(), p.to_owned()));
