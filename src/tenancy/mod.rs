@@ -22,9 +22,14 @@ pub mod peer_auth;
 pub mod pods;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::shutdown::Shutdown;
+use peer_auth::{JwksVerifier, PeerTokens, PeerVerifier, SharedKey, TokenFile};
+use pods::{FilePods, KubePods, Pods};
 
 /// Header carrying a grant from the requesting daemon to the serving one:
 /// `<namespace>/<pod> <token>`, repeated for several candidate grants.
@@ -223,5 +228,216 @@ impl PeerAuthConfig {
             errors.push("tenancy.peer_auth.token_ttl must be between 30s and 1h".into());
         }
         errors
+    }
+}
+
+/// How often a pods file is checked for changes.
+const PODS_FILE_POLL: Duration = Duration::from_secs(1);
+
+/// Why the tenancy parts could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TenancyError {
+    /// No usable Kubernetes client (in-cluster config or kubeconfig) for a mode that needs one.
+    #[error("kubernetes client: {0}")]
+    Kube(#[source] kube::Error),
+    /// A key file could not be used (the reason never includes the key).
+    #[error("key file {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    /// The config asks for something it does not provide (normally caught by `validate()`).
+    #[error("tenancy config: {0}")]
+    Config(String),
+}
+
+/// The tenancy parts the registry uses, built from the `tenancy:` section. `None` where the
+/// config turns a part off.
+#[derive(Clone, Default)]
+pub struct Tenancy {
+    /// The node pod index and pod directory (`tenancy.pods.source` not `none`).
+    pub pods: Option<Arc<dyn Pods>>,
+    /// Tokens this daemon sends to peers (`tenancy.peer_auth.mode` not `none`).
+    pub tokens: Option<Arc<dyn PeerTokens>>,
+    /// Verifies tokens peers send (`tenancy.peer_auth.mode` not `none`).
+    pub verifier: Option<Arc<dyn PeerVerifier>>,
+}
+
+impl std::fmt::Debug for Tenancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenancy")
+            .field("pods", &self.pods.is_some())
+            .field("tokens", &self.tokens.is_some())
+            .field("verifier", &self.verifier.is_some())
+            .finish()
+    }
+}
+
+impl Tenancy {
+    /// Builds the parts for this `node`; a Kubernetes client (`kube::Client::try_default`:
+    /// in-cluster config, else kubeconfig) is made only when a mode needs one. Background
+    /// tasks (pod watcher, pods file poll) run until `shutdown`.
+    pub async fn build(
+        config: &TenancyConfig,
+        node: &str,
+        shutdown: Shutdown,
+    ) -> Result<Tenancy, TenancyError> {
+        let needs_kube = config.pods.source == PodsSource::Kubernetes
+            || config.peer_auth.mode == PeerAuthMode::Kubernetes;
+        let client = if needs_kube {
+            Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(TenancyError::Kube)?,
+            )
+        } else {
+            None
+        };
+        Tenancy::build_with(config, node, client, shutdown)
+    }
+
+    /// [`Tenancy::build`] with the Kubernetes client given (tests, or a caller that has one).
+    /// Fails when a mode needs a client and `client` is `None`.
+    pub fn build_with(
+        config: &TenancyConfig,
+        node: &str,
+        client: Option<kube::Client>,
+        shutdown: Shutdown,
+    ) -> Result<Tenancy, TenancyError> {
+        let need_client = |what: &str| {
+            client
+                .clone()
+                .ok_or_else(|| TenancyError::Config(format!("{what} needs a Kubernetes client")))
+        };
+        if node.is_empty() {
+            return Err(TenancyError::Config("the node name is empty".into()));
+        }
+        let pods: Option<Arc<dyn Pods>> = match config.pods.source {
+            PodsSource::None => None,
+            PodsSource::File => {
+                let path =
+                    config.pods.file.clone().ok_or_else(|| {
+                        TenancyError::Config("tenancy.pods.file is required".into())
+                    })?;
+                Some(FilePods::start(
+                    path,
+                    node,
+                    PODS_FILE_POLL,
+                    shutdown.clone(),
+                ))
+            }
+            PodsSource::Kubernetes => Some(KubePods::start(
+                need_client("tenancy.pods.source: kubernetes")?,
+                node.to_owned(),
+                config.pods.cache_ttl,
+                shutdown.clone(),
+            )),
+        };
+        let auth = &config.peer_auth;
+        type Pair = (Option<Arc<dyn PeerTokens>>, Option<Arc<dyn PeerVerifier>>);
+        let (tokens, verifier): Pair = match auth.mode {
+            PeerAuthMode::None => (None, None),
+            PeerAuthMode::SharedKey => {
+                let path = auth.shared_key_file.clone().ok_or_else(|| {
+                    TenancyError::Config("tenancy.peer_auth.shared_key_file is required".into())
+                })?;
+                let key = Arc::new(
+                    SharedKey::from_file(path, node, auth.token_ttl)?
+                        .with_audience(auth.audience.clone()),
+                );
+                (Some(key.clone()), Some(key))
+            }
+            PeerAuthMode::Kubernetes => (
+                Some(Arc::new(TokenFile::new(auth.token_file.clone()))),
+                Some(Arc::new(JwksVerifier::new(
+                    need_client("tenancy.peer_auth.mode: kubernetes")?,
+                    auth.audience.clone(),
+                    &auth.service_accounts,
+                    auth.jwks_refresh,
+                ))),
+            ),
+        };
+        Ok(Tenancy {
+            pods,
+            tokens,
+            verifier,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    #[allow(clippy::type_complexity)]
+    async fn build_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").expect("key");
+        let short = dir.path().join("short");
+        std::fs::write(&short, "too short").expect("key");
+        let pods_file = dir.path().join("pods.yaml");
+        std::fs::write(&pods_file, "pods: []\n").expect("pods");
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let with = |f: &dyn Fn(&mut TenancyConfig)| {
+            let mut c = TenancyConfig::default();
+            f(&mut c);
+            c
+        };
+        // (name, config, want (pods, tokens, verifier) or an error)
+        let cases: Vec<(&str, TenancyConfig, Result<(bool, bool, bool), ()>)> = vec![
+            (
+                "default: all off",
+                TenancyConfig::default(),
+                Ok((false, false, false)),
+            ),
+            (
+                "pods file",
+                with(&|c| {
+                    c.pods.source = PodsSource::File;
+                    c.pods.file = Some(pods_file.clone());
+                }),
+                Ok((true, false, false)),
+            ),
+            (
+                "shared key",
+                with(&|c| {
+                    c.peer_auth.mode = PeerAuthMode::SharedKey;
+                    c.peer_auth.shared_key_file = Some(key.clone());
+                }),
+                Ok((false, true, true)),
+            ),
+            (
+                "shared key too short",
+                with(&|c| {
+                    c.peer_auth.mode = PeerAuthMode::SharedKey;
+                    c.peer_auth.shared_key_file = Some(short.clone());
+                }),
+                Err(()),
+            ),
+            (
+                "kubernetes pods without a client",
+                with(&|c| c.pods.source = PodsSource::Kubernetes),
+                Err(()),
+            ),
+            (
+                "kubernetes auth without a client",
+                with(&|c| {
+                    c.peer_auth.mode = PeerAuthMode::Kubernetes;
+                    c.peer_auth.service_accounts = vec!["speculum:speculum".into()];
+                }),
+                Err(()),
+            ),
+        ];
+        for (name, config, want) in cases {
+            let got = Tenancy::build_with(&config, "node-a", None, shutdown.clone());
+            match (got, want) {
+                (Ok(t), Ok((p, tk, v))) => assert_eq!(
+                    (t.pods.is_some(), t.tokens.is_some(), t.verifier.is_some()),
+                    (p, tk, v),
+                    "{name}"
+                ),
+                (Err(e), Err(())) => assert!(!e.to_string().contains("0123456789"), "{name}: {e}"),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }
