@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::audit::{AuditLine, AuditSink};
 use crate::credentials::{CredentialSource, Keychain, keychain_for, pod_credentials_refs};
+use crate::grants::{self, Candidate, Evidence, Granter, ImageFacts};
 use crate::metrics::Metrics;
 use crate::mutate::{self, PatchOp, Prior, Site};
 use crate::policy::{self, Action, OnFailure, Policy};
@@ -45,6 +46,8 @@ pub struct Context {
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
     pub ops: Vec<PatchOp>,
+    /// JSON Patch operations on the pull-grant annotation (Pod CREATE with grants on).
+    pub grant_ops: Vec<Value>,
     /// Denial messages; non-empty means the object must be refused.
     pub denials: Vec<String>,
     pub warnings: Vec<String>,
@@ -61,6 +64,8 @@ pub struct Admitter {
     pub offline_keychain: Keychain,
     pub audit: Arc<dyn AuditSink>,
     pub metrics: Arc<Metrics>,
+    /// Pull grants for private images of new Pods; `None` when off.
+    pub grants: Option<Arc<Granter>>,
     pub failure_policy: FailurePolicy,
     /// Bound on one whole admission; keep it below the webhook's `timeoutSeconds`.
     pub deadline: Duration,
@@ -131,7 +136,9 @@ impl Admitter {
                 }
             };
         for line in &outcome.lines {
-            self.metrics.image(&line.decision);
+            if line.decision != GRANTED {
+                self.metrics.image(&line.decision);
+            }
             tracing::info!(
                 target: "speculum_webhook::decision",
                 namespace = %line.namespace, kind = %line.kind, name = %line.name,
@@ -140,12 +147,18 @@ impl Admitter {
             self.audit.record(line.clone());
         }
         let resp = if outcome.denials.is_empty() {
-            let mut r = Response::allow(&req.uid).with_patch(&outcome.ops);
+            let mut patch: Vec<Value> = outcome
+                .ops
+                .iter()
+                .filter_map(|o| serde_json::to_value(o).ok())
+                .collect();
+            patch.extend(outcome.grant_ops.iter().cloned());
+            let mut r = Response::allow(&req.uid).with_json_patch(&patch);
             r.warnings = outcome.warnings.clone();
             r.audit_annotations = annotations(&outcome);
             self.metrics.admission(
                 &kind,
-                if outcome.ops.is_empty() {
+                if patch.is_empty() {
                     "unchanged"
                 } else {
                     "patched"
@@ -238,8 +251,19 @@ impl Admitter {
             }
         }
 
-        // Credentials only when something will be resolved.
-        let keychain = if wanted.is_empty() {
+        // Pull grants: only Pod CREATE, only when configured. Images already pinned are checked
+        // with the pod's credentials too (Pods of a pinned Deployment arrive that way).
+        let granter = self
+            .grants
+            .as_ref()
+            .filter(|_| ctx.kind == "Pod" && ctx.operation == "CREATE");
+        let pinned_sites: Vec<usize> = match granter {
+            Some(_) => (0..sites.len()).filter(|i| sites[*i].is_pinned()).collect(),
+            None => Vec::new(),
+        };
+
+        // Credentials only when something will be resolved or checked.
+        let keychain = if wanted.is_empty() && pinned_sites.is_empty() {
             Keychain::default()
         } else {
             self.keychain(ctx, &ctx.kind, object, &mut out.warnings)
@@ -291,6 +315,70 @@ impl Admitter {
                     }
                 }
                 None => {}
+            }
+        }
+
+        if let Some(granter) = granter {
+            let mut candidates = Vec::new();
+            for (i, (digest, _)) in &digests {
+                let site = &sites[*i];
+                let credential = resolved
+                    .get(&site.image)
+                    .and_then(|r| r.as_ref().ok())
+                    .and_then(|r| r.credential.clone());
+                if let Some(c) = candidate(site, Some(digest), credential) {
+                    candidates.push(c);
+                }
+            }
+            for i in &pinned_sites {
+                let site = &sites[*i];
+                let Some(c) = candidate(site, None, None) else {
+                    continue;
+                };
+                // Only private images are worth a registry round trip.
+                if !matches!(
+                    granter.privacy.require_grant(&ctx.namespace, &c.facts),
+                    Ok(true)
+                ) {
+                    candidates.push(c);
+                    continue;
+                }
+                let credential = match self.resolver.check_access(&site.image, &keychain).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::debug!(reference = %site.image, error = %e, "access check for a grant failed");
+                        None
+                    }
+                };
+                candidates.extend(candidate(site, None, credential));
+            }
+            // Deterministic order (digests is a HashMap): by site pointer.
+            candidates.sort_by(|a, b| a.container.cmp(&b.container).then(a.image.cmp(&b.image)));
+            let signed = granter.grant(&ctx.kind, &ctx.operation, &ctx.namespace, &candidates);
+            let tokens: Vec<String> = signed.iter().map(|(_, s)| s.token.clone()).collect();
+            out.grant_ops = grants::annotation_ops(object, &tokens);
+            for (i, s) in &signed {
+                let c = &candidates[*i];
+                out.lines.push(AuditLine {
+                    uid: ctx.uid.clone(),
+                    namespace: ctx.namespace.clone(),
+                    kind: ctx.kind.clone(),
+                    name: ctx.name.clone(),
+                    operation: ctx.operation.clone(),
+                    container: c.container.clone(),
+                    role: String::new(),
+                    path: format!(
+                        "/metadata/annotations/{}",
+                        speculum_grant::ANNOTATION.replace('/', "~1")
+                    ),
+                    before: c.image.clone(),
+                    after: None,
+                    digest: Some(s.digest.clone()),
+                    source: None,
+                    decision: GRANTED.into(),
+                    reason: format!("repo={} kid={} jti={} exp={}", s.repo, s.kid, s.jti, s.exp),
+                    dry_run: ctx.dry_run,
+                });
             }
         }
 
@@ -376,6 +464,27 @@ impl Admitter {
             }
         }
     }
+}
+
+/// The audit decision of a signed pull grant (one line per grant; the token is never logged).
+pub const GRANTED: &str = "granted";
+
+/// A grant candidate for `site`: its digest (`digest`, or the one it is pinned to) and the
+/// credential evidence. `None` when the reference does not parse or has no digest.
+fn candidate(site: &Site, digest: Option<&str>, credential: Option<String>) -> Option<Candidate> {
+    let r = ImageRef::parse(&site.image).ok()?;
+    let digest = digest.or(r.digest())?.to_owned();
+    Some(Candidate {
+        image: site.image.clone(),
+        container: site.name.clone(),
+        facts: ImageFacts {
+            registry: r.registry().to_owned(),
+            repository: r.repository().to_owned(),
+            tag: r.written_tag().map(str::to_owned),
+            digest,
+        },
+        evidence: credential.map_or(Evidence::Unauthenticated, Evidence::Credential),
+    })
 }
 
 /// Audit annotations: which source pinned what (the API server prefixes the webhook name).

@@ -2,7 +2,7 @@
 //! [`Config::validate`] reports every problem, not just the first.
 //!
 //! Each component receives only its own section ([`ResolverConfig`], [`PolicyConfig`],
-//! [`WebhookConfig`], [`TlsConfig`]).
+//! [`WebhookConfig`], [`TlsConfig`], [`GrantsConfig`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::certs::WebhookConfig;
+use crate::grants::GrantsConfig;
 use crate::policy::PolicyConfig;
 use crate::resolve::ResolverConfig;
 
@@ -65,6 +66,7 @@ pub struct Config {
     pub webhook: WebhookConfig,
     pub resolver: ResolverConfig,
     pub policy: PolicyConfig,
+    pub grants: GrantsConfig,
 }
 
 impl Default for Config {
@@ -79,6 +81,7 @@ impl Default for Config {
             webhook: WebhookConfig::default(),
             resolver: ResolverConfig::default(),
             policy: PolicyConfig::default(),
+            grants: GrantsConfig::default(),
         }
     }
 }
@@ -132,6 +135,7 @@ impl Config {
     pub fn validate(&mut self) -> Vec<String> {
         let mut e = self.webhook.validate();
         e.extend(self.resolver.load());
+        e.extend(self.grants.validate());
         if self.body_limit < 4096 {
             e.push("bodyLimit must be at least 4096 bytes".into());
         }

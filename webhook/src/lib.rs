@@ -9,6 +9,7 @@
 //! - [`credentials`]: the `CredentialSource` seam (kube, memory) and pull-secret matching.
 //! - [`resolve`]: tag → digest through oci-client, with the cluster's speculum daemons as the
 //!   fallback when a registry is down; [`cache`] keys answers by credential identity.
+//! - [`grants`]: pull grants for private images on new Pods (signing, annotation, key publishing).
 //! - [`admit`]: one admission start to end, shared with the offline [`pin`] command.
 //! - [`audit`], [`metrics`]: a line per image decision; the webhook's Prometheus registry.
 //! - [`certs`]: serving certificates: self-managed CA + rotation, or files (cert-manager).
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod certs;
 pub mod config;
 pub mod credentials;
+pub mod grants;
 pub mod metrics;
 pub mod mutate;
 pub mod pin;

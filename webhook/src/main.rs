@@ -47,6 +47,11 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Write a new pull-grant key pair: DIR/grant.key (0600) and DIR/grant.pub.pem.
+    GrantKeygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the MutatingWebhookConfiguration (JSON) for a CA bundle file.
     Configuration {
         #[arg(long)]
@@ -77,6 +82,15 @@ fn main() -> anyhow::Result<()> {
         } => {
             let code = rt.block_on(pin_command(cfg, &input, docker_config, strict))?;
             std::process::exit(code)
+        }
+        Command::GrantKeygen { out } => {
+            let (key, public, kid) = speculum_webhook::grants::keygen(&out)?;
+            println!(
+                "kid {kid}\nprivate key {}\npublic key {}",
+                key.display(),
+                public.display()
+            );
+            Ok(())
         }
         Command::Configuration { ca_file } => {
             let ca = std::fs::read_to_string(&ca_file)
@@ -133,6 +147,7 @@ async fn pin_command(
         offline_keychain: keychain,
         audit: Arc::new(NoAudit),
         metrics,
+        grants: None,
         failure_policy: cfg.webhook.failure_policy,
         deadline: Duration::from_secs(3600),
     };
@@ -197,6 +212,20 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    let granter = speculum_webhook::grants::Granter::from_config(&cfg.grants, metrics.clone())
+        .context("loading the grant signing key")?
+        .map(Arc::new);
+    if let Some(g) = &granter {
+        tracing::info!(kid = g.signer().kid(), ttl = ?cfg.grants.ttl, "pull grants on");
+        // Publishes the public key at once (the interval's first tick), then re-reads the key file.
+        tokio::spawn(speculum_webhook::grants::run(
+            g.clone(),
+            Some(client.clone()),
+            cfg.grants.publish_config_map.clone(),
+            cfg.grants.check_interval,
+            shutdown(),
+        ));
+    }
     let admitter = Arc::new(Admitter {
         resolver: Arc::new(Resolver::new(cfg.resolver.clone(), metrics.clone())),
         policy,
@@ -204,6 +233,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         offline_keychain: Keychain::default(),
         audit: Arc::new(JsonLinesAudit::spawn(std::io::stdout(), 4096)),
         metrics: metrics.clone(),
+        grants: granter.clone(),
         failure_policy: cfg.webhook.failure_policy,
         deadline: cfg.admission_deadline,
     });

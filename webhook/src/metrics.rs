@@ -1,5 +1,5 @@
 //! The webhook's own Prometheus registry (no globals): admission latency and decisions, cache
-//! hits, resolutions by source and resolution errors by registry.
+//! hits, resolutions by source, resolution errors by registry and pull grants by outcome.
 
 use std::time::Duration;
 
@@ -34,6 +34,11 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     decision: String,
 }
@@ -47,6 +52,7 @@ pub struct Metrics {
     resolution_seconds: Family<SourceLabels, Histogram>,
     resolution_errors: Family<ErrorLabels, Counter>,
     images: Family<DecisionLabels, Counter>,
+    grants: Family<OutcomeLabels, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -75,6 +81,7 @@ impl Metrics {
         let resolutions = Family::default();
         let resolution_errors = Family::default();
         let images = Family::default();
+        let grants = Family::default();
         registry.register(
             "admission_duration_seconds",
             "Time to answer one AdmissionReview",
@@ -105,6 +112,11 @@ impl Metrics {
             "Images seen in admitted objects, by decision",
             images.clone(),
         );
+        registry.register(
+            "grants_signed",
+            "Pull-grant decisions for images of new Pods, by outcome (signed, public, anonymous, duplicate, policy_error, sign_error)",
+            grants.clone(),
+        );
         Metrics {
             registry,
             admission_seconds,
@@ -113,6 +125,7 @@ impl Metrics {
             resolution_seconds,
             resolution_errors,
             images,
+            grants,
         }
     }
 
@@ -156,6 +169,14 @@ impl Metrics {
         self.images
             .get_or_create(&DecisionLabels {
                 decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn grant(&self, outcome: &str) {
+        self.grants
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
             })
             .inc();
     }

@@ -131,6 +131,10 @@ impl Source {
 pub struct Resolution {
     pub digest: String,
     pub source: Source,
+    /// The identity of the pod's credential the registry accepted (now, or for a cache hit:
+    /// earlier, for exactly this credential); `None` for anonymous access and the cluster
+    /// fallback. Pull grants need `Some` (see [`crate::grants`]).
+    pub credential: Option<String>,
 }
 
 /// Why a reference could not be resolved. Callers branch on the variant: `NotFound` and
@@ -217,6 +221,11 @@ impl ImageRef {
         self.inner.digest()
     }
 
+    /// The tag as written (no `latest` default); `None` for `name@digest`.
+    pub fn written_tag(&self) -> Option<&str> {
+        self.inner.tag()
+    }
+
     /// `registry/repository:tag`, the cache key and the form `skipPrefixes` are matched against.
     pub fn normalized(&self) -> String {
         format!("{}/{}:{}", self.registry(), self.repository(), self.tag())
@@ -284,6 +293,7 @@ impl Resolver {
                 return Ok(Resolution {
                     digest,
                     source: Source::Cache,
+                    credential: authenticated(identity),
                 });
             }
         }
@@ -296,6 +306,7 @@ impl Resolver {
             Ok(Ok((identity, digest))) => {
                 self.metrics
                     .resolved(Source::Registry, &registry, started.elapsed());
+                let credential = authenticated(&identity);
                 self.cache.insert(
                     Key {
                         reference: key_ref,
@@ -306,6 +317,7 @@ impl Resolver {
                 return Ok(Resolution {
                     digest,
                     source: Source::Registry,
+                    credential,
                 });
             }
             Ok(Err(e)) => e,
@@ -328,6 +340,7 @@ impl Resolver {
                 Ok(Resolution {
                     digest,
                     source: Source::Cluster,
+                    credential: None,
                 })
             }
             Ok(Err(fallback)) => {
@@ -336,6 +349,74 @@ impl Resolver {
             }
             Err(_) => Err(err),
         }
+    }
+
+    /// For an image already pinned (`name[:tag]@digest`): which of the pod's credentials the
+    /// registry accepts for that manifest (a HEAD by digest), cached like resolutions under
+    /// `registry/repository@digest` and the credential identity. `Ok(None)` when the keychain
+    /// has no credential for the registry (anonymous access proves nothing) or every
+    /// credential was refused. Used only to decide pull grants.
+    pub async fn check_access(
+        &self,
+        image: &str,
+        keychain: &Keychain,
+    ) -> Result<Option<String>, ResolveError> {
+        let r = ImageRef::parse(image)?;
+        let Some(digest) = r.digest().map(str::to_owned) else {
+            return Ok(None);
+        };
+        let key_ref = format!("{}/{}@{digest}", r.registry(), r.repository());
+        let creds = keychain.matching(r.registry(), r.repository());
+        for c in &creds {
+            let key = Key {
+                reference: key_ref.clone(),
+                identity: c.identity.clone(),
+            };
+            if self.cache.get(&key).is_some() {
+                self.metrics.cache_lookup(true);
+                return Ok(Some(c.identity.clone()));
+            }
+        }
+        if creds.is_empty() {
+            return Ok(None);
+        }
+        self.metrics.cache_lookup(false);
+        let reference = Reference::with_digest(
+            r.registry().to_owned(),
+            r.repository().to_owned(),
+            digest.clone(),
+        );
+        let check = async {
+            for c in &creds {
+                let client = self.client(r.registry(), &c.identity)?;
+                match client.fetch_manifest_digest(&reference, &basic(c)).await {
+                    Ok(_) => return Ok(Some(c.identity.clone())),
+                    Err(e) => match classify(&r, e) {
+                        ResolveError::Unauthorized { .. } => {
+                            self.forget_client(r.registry(), &c.identity);
+                        }
+                        other => return Err(other),
+                    },
+                }
+            }
+            Ok(None)
+        };
+        let found = tokio::time::timeout(self.cfg.timeout, check)
+            .await
+            .map_err(|_| ResolveError::Unreachable {
+                registry: r.registry().to_owned(),
+                message: format!("no answer within {:?}", self.cfg.timeout),
+            })??;
+        if let Some(identity) = &found {
+            self.cache.insert(
+                Key {
+                    reference: key_ref,
+                    identity: identity.clone(),
+                },
+                digest,
+            );
+        }
+        Ok(found)
     }
 
     /// Tries each credential in order; the first that the registry accepts decides.
@@ -439,6 +520,11 @@ impl Resolver {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients.remove(&(registry.to_owned(), identity.to_owned()));
     }
+}
+
+/// `Some(identity)` unless it is the anonymous one.
+fn authenticated(identity: &str) -> Option<String> {
+    (identity != ANONYMOUS).then(|| identity.to_owned())
 }
 
 fn basic(c: &Credential) -> RegistryAuth {

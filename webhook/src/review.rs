@@ -240,6 +240,18 @@ impl Response {
         self
     }
 
+    /// Like [`Response::with_patch`] for operations already in JSON form (the grant annotation
+    /// needs `add` of objects and `remove`).
+    pub fn with_json_patch(mut self, ops: &[Value]) -> Response {
+        if ops.is_empty() {
+            return self;
+        }
+        let json = serde_json::to_vec(ops).unwrap_or_default();
+        self.patch_type = Some("JSONPatch");
+        self.patch = Some(base64::engine::general_purpose::STANDARD.encode(json));
+        self
+    }
+
     /// Wraps the response in its AdmissionReview envelope.
     pub fn into_review(self) -> Value {
         serde_json::json!({

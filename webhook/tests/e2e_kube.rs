@@ -514,3 +514,361 @@ async fn webhook_pins_workloads_created_through_the_api_server() {
     }
     drop(webhook);
 }
+
+/// Registers `speculum-webhook serve --config <config>` (the configuration it prints, with the
+/// URL of this process) and waits (bounded) until a dry-run Pod of `probe_image` in
+/// `probe_ns` comes back pinned.
+async fn start_webhook(
+    client: &kube::Client,
+    cp: &k8s::ControlPlane,
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    ca: &std::path::Path,
+    port: u16,
+    probe_ns: &str,
+    probe_image: &str,
+) -> WebhookProcess {
+    let bin = env!("CARGO_BIN_EXE_speculum-webhook");
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("configuration")
+        .arg("--ca-file")
+        .arg(ca)
+        .output()
+        .expect("speculum-webhook configuration");
+    assert!(
+        out.status.success(),
+        "configuration: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut mwc: Value = serde_json::from_slice(&out.stdout).expect("configuration is JSON");
+    for hook in mwc["webhooks"].as_array_mut().expect("webhooks") {
+        let cc = &mut hook["clientConfig"];
+        cc.as_object_mut().expect("clientConfig").remove("service");
+        cc["url"] = json!(format!("https://127.0.0.1:{port}/mutate"));
+    }
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(mwc).expect("typed");
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &mwc)
+        .await
+        .expect("create configuration");
+    let stderr = std::fs::File::create(dir.join("webhook.err")).expect("log");
+    let webhook = WebhookProcess {
+        child: Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("KUBECONFIG", cp.kubeconfig())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("speculum-webhook serve"),
+        dir: dir.to_owned(),
+    };
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let probe: Pod = serde_json::from_value(json!({"metadata": {"name": "probe"},
+        "spec": {"containers": [{"name": "c", "image": probe_image}]}}))
+    .expect("pod");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pinned = match Api::<Pod>::namespaced(client.clone(), probe_ns)
+            .create(&dry, &probe)
+            .await
+        {
+            Ok(p) => image_of(
+                &serde_json::to_value(&p).expect("json"),
+                "/spec/containers/0/image",
+            )
+            .contains('@'),
+            Err(_) => false,
+        };
+        if pinned {
+            return webhook;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API server never called the webhook:\n{}",
+            webhook.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_signs_pull_grants_for_private_images() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use speculum_grant::{ANNOTATION, DEFAULT_AUDIENCE, KeySet};
+
+    if k8s::skip() {
+        return;
+    }
+    let open = Registry::start(Auth::None);
+    let private = Registry::start(Auth::Htpasswd(vec![("puller".into(), "s3cret".into())]));
+    let app_digest = open.push_image("e2e/app", "v1", "amd64", "e2e").await;
+    let private_digest = private.push_image("team/app", "v1", "amd64", "grant").await;
+    let app = format!("{}/e2e/app:v1", open.host());
+    let private_app = format!("{}/team/app:v1", private.host());
+    let private_repo = format!("{}/team/app", private.host());
+
+    let cp = k8s::ControlPlane::start().await;
+    let client = cp.client().await;
+    for ns in ["speculum-system", "apps", "private", "other"] {
+        k8s::namespace(&client, ns, &[]).await;
+    }
+    create_pull_secret(
+        &client,
+        "private",
+        "regcred",
+        docker_config(&private.host(), "puller", "s3cret"),
+    )
+    .await;
+    create_pull_secret(
+        &client,
+        "other",
+        "wrongcred",
+        docker_config(&private.host(), "puller", "wrong"),
+    )
+    .await;
+    // The chart's ConfigMap, already holding an older key: it must survive the publish.
+    let (_, old_public) = speculum_grant::generate();
+    let old_kid = KeySet::from_pems([old_public.as_bytes()])
+        .expect("old key")
+        .kids()[0]
+        .clone();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "speculum-system");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "grant-keys"},
+            "data": {format!("{old_kid}.pem"): old_public}}))
+        .expect("configmap"),
+    )
+    .await
+    .expect("create configmap");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_speculum-webhook");
+    let keygen = Command::new(bin)
+        .arg("grant-keygen")
+        .arg("--out")
+        .arg(dir.path().join("keys"))
+        .output()
+        .expect("grant-keygen");
+    assert!(
+        keygen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keygen.stderr)
+    );
+    let key_file = dir.path().join("keys/grant.key");
+    let public_pem = std::fs::read_to_string(dir.path().join("keys/grant.pub.pem")).expect("pub");
+    // The daemons' bundle: the private-grant example, with the private registry's team/.
+    let policy = dir.path().join("policy");
+    std::fs::create_dir(&policy).expect("mkdir");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/private-grant");
+    std::fs::copy(example.join("mirror.rego"), policy.join("mirror.rego")).expect("copy");
+    std::fs::write(
+        policy.join("data.json"),
+        json!({"private": {"prefixes": [format!("{}/team/", private.host())]}}).to_string(),
+    )
+    .expect("data.json");
+
+    let bundle = certs::generate(&["127.0.0.1".into()], Duration::from_secs(3600)).expect("certs");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let (cert, key, ca) = (
+        write("tls.crt", &bundle.cert_pem),
+        write("tls.key", &bundle.key_pem),
+        write("ca.crt", &bundle.ca_pem),
+    );
+    let port = free_port();
+    let config = write(
+        "config.yaml",
+        &format!(
+            "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{}\ntls:\n  mode: files\n  certFile: {}\n  keyFile: {}\nwebhook:\n  configurationName: e2e-grants\nresolver:\n  registries:\n    \"{}\": {{insecure: true}}\n    \"{}\": {{insecure: true}}\ngrants:\n  signingKeyFile: {}\n  ttl: 10m\n  mirrorPolicyDir: {}\n  publishConfigMap: speculum-system/grant-keys\n",
+            free_port(),
+            cert.display(),
+            key.display(),
+            open.host(),
+            private.host(),
+            key_file.display(),
+            policy.display(),
+        ),
+    );
+    let webhook = start_webhook(&client, &cp, dir.path(), &config, &ca, port, "apps", &app).await;
+
+    // The public key is published next to the old one (bounded poll: the publisher runs at start).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let keys = loop {
+        let data = cms
+            .get("grant-keys")
+            .await
+            .expect("configmap")
+            .data
+            .unwrap_or_default();
+        if data.len() == 2 {
+            assert_eq!(
+                data.get(&format!("{old_kid}.pem")),
+                Some(&old_public),
+                "old key kept"
+            );
+            assert!(data.values().any(|v| *v == public_pem), "{data:?}");
+            break KeySet::from_pems(data.values().map(|v| v.as_bytes())).expect("published keys");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "key never published: {data:?}\n{}",
+            webhook.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(keys.len(), 2);
+
+    let forged = json!(["eyJhbGciOiJub25lIn0.eyJzdWIiOiJwcml2YXRlIn0."]).to_string();
+    let pod = |name: &str, image: &str, secret: Option<&str>, annotation: Option<&str>| -> Pod {
+        let mut v = json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": image}]}});
+        if let Some(s) = secret {
+            v["spec"]["imagePullSecrets"] = json!([{"name": s}]);
+        }
+        if let Some(a) = annotation {
+            v["metadata"]["annotations"] = json!({ANNOTATION: a, "keep": "me"});
+        }
+        serde_json::from_value(v).expect("pod")
+    };
+    let pinned_private = format!("{private_app}@{private_digest}");
+    // (name, namespace, pod, want image, want grant)
+    let cases = [
+        (
+            "private image, the pod's own secret",
+            "private",
+            pod("granted", &private_app, Some("regcred"), None),
+            pinned_private.clone(),
+            true,
+        ),
+        (
+            "private image, forged annotation replaced",
+            "private",
+            pod(
+                "forged-replaced",
+                &private_app,
+                Some("regcred"),
+                Some(&forged),
+            ),
+            pinned_private.clone(),
+            true,
+        ),
+        (
+            "private image already pinned, checked with the pod's secret",
+            "private",
+            pod("prepinned", &pinned_private, Some("regcred"), None),
+            pinned_private.clone(),
+            true,
+        ),
+        (
+            "public image",
+            "apps",
+            pod("public", &app, None, None),
+            format!("{app}@{app_digest}"),
+            false,
+        ),
+        (
+            "public image, forged annotation removed",
+            "apps",
+            pod("forged-removed", &app, None, Some(&forged)),
+            format!("{app}@{app_digest}"),
+            false,
+        ),
+        (
+            "wrong secret",
+            "other",
+            pod(
+                "wrong-secret",
+                &private_app,
+                Some("wrongcred"),
+                Some(&forged),
+            ),
+            private_app.clone(),
+            false,
+        ),
+        (
+            "already pinned, no secret",
+            "other",
+            pod("pinned-no-secret", &pinned_private, None, None),
+            pinned_private.clone(),
+            false,
+        ),
+    ];
+    for (name, ns, p, want_image, want_grant) in cases {
+        let created = Api::<Pod>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &p)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", webhook.log()));
+        let v = serde_json::to_value(&created).expect("json");
+        assert_eq!(
+            image_of(&v, "/spec/containers/0/image"),
+            want_image,
+            "{name}"
+        );
+        let annotations = created.metadata.annotations.clone().unwrap_or_default();
+        if p.metadata.annotations.is_some() {
+            assert_eq!(
+                annotations.get("keep").map(String::as_str),
+                Some("me"),
+                "{name}"
+            );
+        }
+        let Some(raw) = annotations.get(ANNOTATION) else {
+            assert!(!want_grant, "{name}: no grant\n{}", webhook.log());
+            continue;
+        };
+        assert!(want_grant, "{name}: unexpected grant {raw}");
+        let tokens: Vec<String> = serde_json::from_str(raw).expect("JSON array of tokens");
+        assert_eq!(tokens.len(), 1, "{name}");
+        let now = std::time::SystemTime::now();
+        let c = keys
+            .verify(&tokens[0], DEFAULT_AUDIENCE, now)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (c.sub.as_str(), c.repo.as_str(), c.digest.as_str()),
+            (ns, private_repo.as_str(), private_digest.as_str()),
+            "{name}"
+        );
+        assert_eq!(c.exp - c.iat, 600, "{name}: ttl");
+        let unix = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        assert!(
+            (c.iat - unix).abs() < 60,
+            "{name}: iat {} now {unix}",
+            c.iat
+        );
+    }
+
+    // Metrics count the outcomes.
+    let metrics_port = {
+        let text = std::fs::read_to_string(&config).expect("config");
+        text.lines()
+            .find_map(|l| l.strip_prefix("metricsListen: 127.0.0.1:"))
+            .and_then(|p| p.trim().parse::<u16>().ok())
+            .expect("metrics port")
+    };
+    let body = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        body.contains("speculum_webhook_grants_signed_total{outcome=\"signed\"} 3"),
+        "{body}"
+    );
+    drop(webhook);
+}

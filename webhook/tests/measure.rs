@@ -131,6 +131,7 @@ impl Webhook {
             offline_keychain: Keychain::default(),
             audit: Arc::new(MemoryAudit::default()),
             metrics,
+            grants: None,
             failure_policy: FailurePolicy::Ignore,
             deadline: Duration::from_secs(5),
         });

@@ -66,6 +66,7 @@ async fn start(registries: &[String], cluster: &[String], creds: MemoryCredentia
         offline_keychain: Keychain::default(),
         audit: audit.clone(),
         metrics: metrics.clone(),
+        grants: None,
         failure_policy: FailurePolicy::Ignore,
         deadline: Duration::from_secs(5),
     });
