@@ -12,12 +12,15 @@
 //!   Every daemon-to-daemon request carries `Authorization: Bearer <token>`; the peer endpoint
 //!   verifies it (projected ServiceAccount token checked against the API server's JWKS, or a
 //!   shared signing key) and learns the requesting node.
-//! - Grant verification itself is the `speculum-grant` crate (`KeySet`), shared with the
-//!   webhook that signs grants.
+//! - [`grants`]: pull grants — the verification keys (the webhook's ConfigMap, reloaded), the
+//!   `x-speculum-grant` header, and the binding checks (namespace, pod, node, repository,
+//!   manifest closure). Signatures and claims are the `speculum-grant` crate's, shared with
+//!   the webhook that signs grants.
 //!
 //! How the registry uses these (the decision chain, the headers, the audit reasons) is written
 //! down in `docs/tenancy.md`; this module only provides the parts.
 
+pub mod grants;
 pub mod peer_auth;
 pub mod pods;
 
@@ -120,8 +123,7 @@ impl Default for GrantsConfig {
     fn default() -> Self {
         GrantsConfig {
             keys_dir: None,
-            // Must equal `speculum_grant::DEFAULT_AUDIENCE`.
-            audience: "speculum.io/grant".to_owned(),
+            audience: speculum_grant::DEFAULT_AUDIENCE.to_owned(),
         }
     }
 }
