@@ -26,6 +26,13 @@ pub enum RegistryError {
     },
     #[error("only GET and HEAD are supported: this is a pull-only mirror")]
     MethodNotAllowed,
+    /// Over our header limits (`registry::listen`); RFC 6585, 5.
+    #[error(
+        "request header fields too large: at most {} fields and {} bytes",
+        super::listen::MAX_HEADERS,
+        super::listen::MAX_HEADER_BYTES
+    )]
+    HeadersTooLarge,
 }
 
 impl RegistryError {
@@ -40,7 +47,9 @@ impl RegistryError {
             RegistryError::ManifestUnknown => ErrorCode::ManifestUnknown,
             RegistryError::BlobUnknown => ErrorCode::BlobUnknown,
             RegistryError::Range { .. } => ErrorCode::RangeInvalid,
-            RegistryError::MethodNotAllowed => ErrorCode::Unsupported,
+            RegistryError::MethodNotAllowed | RegistryError::HeadersTooLarge => {
+                ErrorCode::Unsupported
+            }
         }
     }
 
@@ -49,6 +58,7 @@ impl RegistryError {
     pub fn status(&self) -> StatusCode {
         match self {
             RegistryError::Path(PathError::TagInvalid) => StatusCode::BAD_REQUEST,
+            RegistryError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             other => other.code().status(),
         }
     }
@@ -68,7 +78,7 @@ impl IntoResponse for RegistryError {
         {
             headers.insert(header::CONTENT_RANGE, v);
         }
-        if code == ErrorCode::Unsupported {
+        if let RegistryError::MethodNotAllowed = self {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         response
