@@ -222,14 +222,7 @@ fn serve(
     app: axum::Router,
     shutdown: Shutdown,
 ) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.wait())
-        .await
-    })
+    tokio::spawn(registry::listen::serve(listener, app, shutdown.wait()))
 }
 
 /// `/metrics`, `/readyz` and `/livez` on the metrics listener.
@@ -268,6 +261,12 @@ async fn health(
     loop {
         tick.tick().await;
         metrics.peers.set(router.peer_count() as i64);
+        // The router counts; the metric follows (both only ever grow).
+        let failures = router.handshake_failures();
+        let seen = metrics.handshake_failures.get();
+        if failures > seen {
+            metrics.handshake_failures.inc_by(failures - seen);
+        }
         if router.ready() {
             readiness.release("routing");
         } else {

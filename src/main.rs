@@ -6,6 +6,7 @@
 //! - `speculum policy test DIR` / `speculum policy eval DIR --input FILE`: run a bundle's Rego
 //!   tests, or print its decision for one input (regorus, as the daemon evaluates it).
 //! - `speculum audit FILE…`: filter and summarise audit logs.
+//! - `speculum psk generate`: print a new private-network key file (`routing.psk_file`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,16 @@ enum Command {
     Policy(PolicyCommand),
     /// Read audit files (rotated `FILE.N` siblings included): filter, list or summarise.
     Audit(AuditArgs),
+    /// The DHT's private-network pre-shared key (routing.psk_file).
+    #[command(subcommand)]
+    Psk(PskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PskCommand {
+    /// Print a new random key in go-libp2p's swarm.key format to stdout (its fingerprint, which
+    /// the daemon logs at start, goes to stderr). Redirect it into a file or a Secret.
+    Generate,
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +262,7 @@ fn main() -> ExitCode {
         }
         Command::Policy(cmd) => return policy_command(cmd),
         Command::Audit(a) => return audit_command(a),
+        Command::Psk(PskCommand::Generate) => return psk_generate(),
     };
     let config = match args.load() {
         Ok(c) => c,
@@ -270,7 +282,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Policy(_) | Command::Audit(_) => ExitCode::SUCCESS, // handled above
+        // Handled above.
+        Command::Policy(_) | Command::Audit(_) | Command::Psk(_) => ExitCode::SUCCESS,
         Command::Configure(_) => report(speculum::hosts::configure(&config.hosts)),
         Command::Cleanup(_) => report(speculum::hosts::cleanup(&config.hosts)),
         Command::Registry(_) => {
@@ -292,6 +305,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn psk_generate() -> ExitCode {
+    use speculum::routing::psk;
+    let key = psk::generate();
+    print!("{}", psk::to_key_file(key));
+    eprintln!("fingerprint: {}", key.fingerprint());
+    ExitCode::SUCCESS
 }
 
 async fn run_daemon(config: Config) -> anyhow::Result<()> {

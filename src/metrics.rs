@@ -81,6 +81,8 @@ pub struct Metrics {
     pub lookup_duration: Histogram,
     pub advertised_keys: Gauge,
     pub peers: Gauge,
+    /// Inbound DHT connections that failed the handshake (no or another pre-shared key).
+    pub handshake_failures: Counter,
     pub ready: Gauge,
     /// Decisions, evaluation latency, reloads (`speculum_policy_*`).
     pub policy: crate::policy::PolicyMetrics,
@@ -149,6 +151,12 @@ impl Metrics {
         );
         let peers = Gauge::default();
         registry.register("routing_peers", "Connected DHT peers", peers.clone());
+        let handshake_failures = Counter::default();
+        registry.register(
+            "routing_handshake_failures",
+            "Inbound DHT connections that failed before authentication (no or another pre-shared key, scanners)",
+            handshake_failures.clone(),
+        );
         let ready = Gauge::default();
         registry.register("ready", "1 when the daemon reports ready", ready.clone());
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
@@ -164,6 +172,7 @@ impl Metrics {
             lookup_duration,
             advertised_keys,
             peers,
+            handshake_failures,
             ready,
             policy,
             audit,

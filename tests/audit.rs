@@ -35,6 +35,8 @@ fn record(i: usize) -> AuditRecord {
         reason: "test".to_owned(),
         served_from: from.to_owned(),
         peer: None,
+        requester: None,
+        grant: None,
         status: if decision == "deny" { 404 } else { 200 },
         bytes: if decision == "deny" { 0 } else { 1000 },
         duration_ms: 1.5,

@@ -18,7 +18,7 @@ use speculum::metrics::{Handler, Metrics};
 use speculum::oci::path::{parse_ns, valid_name, valid_tag};
 use speculum::oci::{ByteRange, Digest};
 use speculum::readiness::Readiness;
-use speculum::registry::{self, Mirror, MirrorConfig, RegistryState};
+use speculum::registry::{self, Mirror, MirrorConfig, RegistryState, listen};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
@@ -188,7 +188,8 @@ const H64: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00
 enum Want {
     /// This status with an OCI error body carrying this code.
     Oci(u16, &'static str),
-    /// This status from the HTTP layer (hyper), before any of our code runs: no body.
+    /// This status from hyper, before any of our code runs: no body is possible, because
+    /// hyper could not parse a request (see `registry::listen`).
     Http(u16),
 }
 
@@ -242,13 +243,12 @@ async fn start() -> Rig {
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    // The daemon's own serving loop: its header limits are part of what is tested.
+    tokio::spawn(registry::listen::serve(
+        listener,
+        app,
+        std::future::pending::<()>(),
+    ));
     Rig { addr, store, blob }
 }
 
@@ -258,7 +258,9 @@ fn cases(blob: &Digest) -> Vec<(&'static str, Vec<u8>, Want)> {
     let long_tag = format!("t{}", "a".repeat(128));
     let huge_path = format!("/v2/{}/manifests/x", "a/".repeat(4000));
     let blob_path = format!("/v2/a/blobs/{blob}");
-    let many_headers: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let headers = |n: usize| -> String { (0..n).map(|i| format!("X-H{i}: v\r\n")).collect() };
+    let many_headers = headers(200);
+    let too_many_for_hyper = headers(listen::HYPER_MAX_HEADERS + 50);
     vec![
         // Path traversal and odd path shapes: the name grammar refuses all of them.
         (
@@ -506,7 +508,8 @@ fn cases(blob: &Digest) -> Vec<(&'static str, Vec<u8>, Want)> {
             with_header("PATCH", "/v2/a/blobs/uploads/x", "Content-Length: 0"),
             Oci(405, "UNSUPPORTED"),
         ),
-        // The HTTP layer: refused by hyper before routing, so no OCI body is possible here.
+        // Header limits: ours (100 fields, 64 KiB) answer with an OCI body; hyper's, raised
+        // above ours, only catch what does not even fit its buffer.
         (
             "huge header",
             with_header(
@@ -514,13 +517,39 @@ fn cases(blob: &Digest) -> Vec<(&'static str, Vec<u8>, Want)> {
                 &blob_path,
                 &format!("X-Big: {}", "a".repeat(512 * 1024)),
             ),
-            Http(431),
+            Oci(431, "UNSUPPORTED"),
+        ),
+        (
+            "header just over our limit",
+            with_header(
+                "GET",
+                &blob_path,
+                &format!("X-Big: {}", "a".repeat(listen::MAX_HEADER_BYTES)),
+            ),
+            Oci(431, "UNSUPPORTED"),
         ),
         (
             "too many headers",
             with_header("GET", &blob_path, many_headers.trim_end()),
+            Oci(431, "UNSUPPORTED"),
+        ),
+        // Beyond hyper's own limits: hyper answers before any request exists.
+        (
+            "header beyond hyper's buffer",
+            with_header(
+                "GET",
+                &blob_path,
+                &format!("X-Big: {}", "a".repeat(listen::HYPER_MAX_BUF + 1024)),
+            ),
             Http(431),
         ),
+        (
+            "headers beyond hyper's count",
+            with_header("GET", &blob_path, too_many_for_hyper.trim_end()),
+            Http(431),
+        ),
+        // Unparseable request lines: hyper cannot tell method, target and version apart, so
+        // there is no request to answer with an OCI body.
         (
             "raw non-UTF-8 path",
             bytes_get(b"/v2/\xff\xfe/manifests/x"),

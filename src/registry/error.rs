@@ -33,6 +33,13 @@ pub enum RegistryError {
     /// covers it (the reason names the check that failed).
     #[error("{0}")]
     Denied(String),
+    /// Over our header limits (`registry::listen`); RFC 6585, 5.
+    #[error(
+        "request header fields too large: at most {} fields and {} bytes",
+        super::listen::MAX_HEADERS,
+        super::listen::MAX_HEADER_BYTES
+    )]
+    HeadersTooLarge,
 }
 
 impl RegistryError {
@@ -47,7 +54,9 @@ impl RegistryError {
             RegistryError::ManifestUnknown => ErrorCode::ManifestUnknown,
             RegistryError::BlobUnknown => ErrorCode::BlobUnknown,
             RegistryError::Range { .. } => ErrorCode::RangeInvalid,
-            RegistryError::MethodNotAllowed => ErrorCode::Unsupported,
+            RegistryError::MethodNotAllowed | RegistryError::HeadersTooLarge => {
+                ErrorCode::Unsupported
+            }
             RegistryError::Unauthorized(_) => ErrorCode::Unauthorized,
             RegistryError::Denied(_) => ErrorCode::Denied,
         }
@@ -58,6 +67,7 @@ impl RegistryError {
     pub fn status(&self) -> StatusCode {
         match self {
             RegistryError::Path(PathError::TagInvalid) => StatusCode::BAD_REQUEST,
+            RegistryError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             other => other.code().status(),
         }
     }
@@ -84,7 +94,7 @@ impl IntoResponse for RegistryError {
                 HeaderValue::from_static("Bearer realm=\"speculum-peer\""),
             );
         }
-        if code == ErrorCode::Unsupported {
+        if let RegistryError::MethodNotAllowed = self {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         }
         response

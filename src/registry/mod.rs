@@ -8,13 +8,15 @@
 //!
 //! Requests are parsed into a [`PullRequest`] up front (bad input is a 4xx before anything is
 //! looked up); [`serve`] writes successful responses; [`error`] is the only place errors
-//! become responses. Every request is counted and audited once, with the bytes really sent.
+//! become responses; [`listen`] serves an app on a socket, with our header limits. Every
+//! request is counted and audited once, with the bytes really sent.
 //!
 //! Before anything is looked up, the policy [`Guard`] decides (source `local` on the mirror
 //! endpoint, `peer` on the peer endpoint or for a hop): a deny, a tag the switches or the
 //! policy will not resolve, or a failed evaluation is a plain 404 — containerd goes upstream.
 
 pub mod error;
+pub mod listen;
 pub mod mirror;
 pub mod serve;
 

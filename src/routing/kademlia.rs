@@ -5,7 +5,8 @@
 //! sources and their retry schedule live in [`super::bootstrap`]; what to advertise is
 //! decided by [`super::sync`]. `docs/routing.md` explains the design with its numbers.
 //!
-//! The wire: TCP + noise + yamux; kad under our own protocol id `/speculum/kad/1.0.0`, forced
+//! The wire: TCP + noise + yamux, with libp2p's private-network handshake between TCP and
+//! noise when `psk_file` names a pre-shared key ([`super::psk`]); kad under our own protocol id `/speculum/kad/1.0.0`, forced
 //! into server mode; identify (whose listen addresses we feed to kad: it does not do that by
 //! itself); ping, whose failures close the connection; and `/speculum/has/1.0.0`, a tiny
 //! request-response protocol that asks a provider "do you still hold this key?".
@@ -26,19 +27,22 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::Transport as _;
+use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::RecordStore as _};
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::PnetConfig;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, noise, ping, tcp, yamux,
 };
@@ -50,6 +54,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
 use super::bootstrap::{self, BootstrapConfig, Schedule, Target};
+use super::psk::{self, PreSharedKey, PskError};
 use super::{Peer, Router, RouterError};
 
 /// Kademlia protocol id: our own, so speculum never joins another libp2p DHT by accident.
@@ -73,6 +78,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const MAX_LOOKUP_LIMIT: usize = 256;
 /// How long `start` waits for the listener to report its bound address.
 const LISTEN_WAIT: Duration = Duration::from_secs(10);
+/// Failed inbound handshakes (an outsider without the key, a port scanner) are logged at most
+/// this often, with the count since the last line; the counter metric has every one.
+const HANDSHAKE_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The `routing` configuration section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +116,9 @@ pub struct KademliaConfig {
     pub lookup_timeout: Duration,
     /// Most distinct keys the local record store holds (ours and other nodes').
     pub max_keys: usize,
+    /// The private network's pre-shared key (go-libp2p `swarm.key` format, or one line of 64
+    /// hex digits). Empty: a public DHT that anyone who reaches `listen` can join.
+    pub psk_file: PathBuf,
 }
 
 impl Default for KademliaConfig {
@@ -125,6 +136,7 @@ impl Default for KademliaConfig {
             verify_timeout: Duration::from_secs(2),
             lookup_timeout: Duration::from_secs(10),
             max_keys: 1_000_000,
+            psk_file: PathBuf::new(),
         }
     }
 }
@@ -173,7 +185,18 @@ impl KademliaConfig {
         if self.max_keys == 0 {
             errors.push("routing.max_keys: must be greater than zero".to_owned());
         }
+        if let Err(e) = self.psk() {
+            errors.push(format!("routing.psk_file: {}", error_chain(&e)));
+        }
         errors
+    }
+
+    /// The pre-shared key `psk_file` names, if any.
+    pub fn psk(&self) -> Result<Option<PreSharedKey>, PskError> {
+        if self.psk_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        psk::load(&self.psk_file).map(Some)
     }
 
     /// Connections close after this long without traffic. Longer than the republish interval,
@@ -182,6 +205,18 @@ impl KademliaConfig {
     fn idle_timeout(&self) -> Duration {
         self.republish_interval * 2 + Duration::from_secs(60)
     }
+}
+
+/// `error: cause: cause…`, for messages that are read without a `{:#}` reporter.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn listen_addr(s: &str) -> Result<Multiaddr, &'static str> {
@@ -210,6 +245,8 @@ pub enum KademliaError {
     Build(String),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    #[error(transparent)]
+    Psk(#[from] PskError),
 }
 
 /// The DHT key of a routing key: sha256 of the string, so keys are uniform and 32 bytes long
@@ -385,6 +422,7 @@ struct Shared {
     ready: AtomicBool,
     peers: AtomicUsize,
     advertised: AtomicUsize,
+    handshake_failures: AtomicU64,
     // A std Mutex: it is never held across an `.await`.
     listen_addrs: Mutex<Vec<Multiaddr>>,
 }
@@ -422,7 +460,16 @@ where
     }
     let keypair = load_or_create_identity(&config.data_dir)?;
     let peer_id = keypair.public().to_peer_id();
-    let mut swarm = build_swarm(keypair, &config)?;
+    let psk = config.psk()?;
+    match &psk {
+        // The fingerprint tells operators two nodes hold the same key; the key never leaves.
+        Some(key) => info!(psk.fingerprint = %key.fingerprint(), "routing is a private network"),
+        None => warn!(
+            "routing.psk_file is empty: anyone who reaches the DHT port can join the routing \
+             mesh and learn which node holds which content"
+        ),
+    }
+    let mut swarm = build_swarm(keypair, psk, &config)?;
     let listen = listen_addr(&config.listen).map_err(|reason| KademliaError::Listen {
         addr: config.listen.clone(),
         reason: reason.to_owned(),
@@ -439,6 +486,7 @@ where
         ready: AtomicBool::new(true),
         peers: AtomicUsize::new(0),
         advertised: AtomicUsize::new(0),
+        handshake_failures: AtomicU64::new(0),
         listen_addrs: Mutex::new(vec![first]),
     });
     let (tx, rx) = mpsc::channel(1024);
@@ -453,18 +501,33 @@ where
     ))
 }
 
+/// TCP → (private-network handshake, with a key) → noise → yamux.
 fn build_swarm(
     keypair: Keypair,
+    psk: Option<PreSharedKey>,
     config: &KademliaConfig,
 ) -> Result<Swarm<Behaviour>, KademliaError> {
     let build = |e: &dyn std::fmt::Display| KademliaError::Build(e.to_string());
     Ok(SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| {
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            // The pnet handshake only exchanges nonces; with a different key (or none) the
+            // next bytes are garbage to the other side, so multistream-select or noise fails
+            // and the connection never reaches kad.
+            let base = match psk {
+                Some(psk) => either::Either::Left(
+                    tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket)),
+                ),
+                None => either::Either::Right(tcp),
+            };
+            let noise = noise::Config::new(key)
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
+            Ok(base
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default()))
+        })
         .map_err(|e| build(&e))?
         .with_behaviour(|key| Behaviour::new(key, config))
         .map_err(|e| build(&e))?
@@ -517,6 +580,13 @@ impl KademliaRouter {
     /// Number of peers with an open connection (metric `speculum_routing_peers`).
     pub fn peer_count(&self) -> usize {
         self.shared.peers.load(Ordering::Relaxed)
+    }
+
+    /// Inbound connections that failed before the peer was authenticated: without the
+    /// pre-shared key, an outsider's attempts end here (metric
+    /// `speculum_routing_handshake_failures_total`).
+    pub fn handshake_failures(&self) -> u64 {
+        self.shared.handshake_failures.load(Ordering::Relaxed)
     }
 
     /// Number of keys this node advertises (metric `speculum_routing_advertised_keys`).
@@ -623,6 +693,10 @@ struct Node {
     lost_all_peers: bool,
     resolved_tx: mpsc::Sender<Vec<Target>>,
     resolved_rx: mpsc::Receiver<Vec<Target>>,
+
+    /// When a failed inbound handshake was last logged, and how many failed since.
+    handshake_warned: Option<Instant>,
+    handshake_unlogged: u64,
 }
 
 impl Node {
@@ -657,6 +731,8 @@ impl Node {
             lost_all_peers: false,
             resolved_tx,
             resolved_rx,
+            handshake_warned: None,
+            handshake_unlogged: 0,
         }
     }
 
@@ -1045,6 +1121,11 @@ impl Node {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer.id = ?peer_id, error = %error, "dial failed");
             }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error: ListenError::Transport(error),
+                ..
+            } => self.on_handshake_failed(&send_back_addr, &error),
             SwarmEvent::NewListenAddr { address, .. } => {
                 let mut addrs = self.lock_listen_addrs();
                 if !addrs.contains(&address) {
@@ -1062,6 +1143,33 @@ impl Node {
             }
             _ => {}
         }
+    }
+
+    /// An inbound connection failed in the transport upgrade (pnet, multistream-select,
+    /// noise, yamux): typically a node without our key. Counted always, logged rate-limited
+    /// so a scanner cannot flood the log.
+    fn on_handshake_failed(&mut self, from: &Multiaddr, error: &dyn std::fmt::Display) {
+        self.shared
+            .handshake_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.handshake_unlogged += 1;
+        let now = Instant::now();
+        if self
+            .handshake_warned
+            .is_some_and(|at| now.duration_since(at) < HANDSHAKE_WARN_EVERY)
+        {
+            debug!(client.addr = %from, error = %error, "inbound handshake failed");
+            return;
+        }
+        warn!(
+            client.addr = %from,
+            error = %error,
+            failures = self.handshake_unlogged,
+            "inbound DHT handshake failed (a node without our pre-shared key?); \
+             further failures are logged at most once a minute"
+        );
+        self.handshake_warned = Some(now);
+        self.handshake_unlogged = 0;
     }
 
     fn lock_listen_addrs(&self) -> std::sync::MutexGuard<'_, Vec<Multiaddr>> {
@@ -1467,6 +1575,11 @@ ping_interval: 2s
                 "routing.verify_timeout",
             ),
             ("no keys", |c| c.max_keys = 0, "routing.max_keys"),
+            (
+                "missing psk file",
+                |c| c.psk_file = PathBuf::from("/nonexistent/speculum/swarm.key"),
+                "routing.psk_file: cannot read psk file /nonexistent/speculum/swarm.key",
+            ),
         ];
         for (name, break_it, field) in cases {
             let mut c = KademliaConfig::default();

@@ -3,12 +3,14 @@
 //! Keys are strings: a digest (`sha256:…`) for content, `registry/repository:tag` for a tag.
 //! Two implementations: [`kademlia::KademliaRouter`] (libp2p Kademlia DHT, the real one) and
 //! [`memory::MemoryRouter`] (the twin for unit tests), held to one [`conformance`] suite.
-//! [`sync`] keeps the advertised keys in step with the store.
+//! [`sync`] keeps the advertised keys in step with the store; [`psk`] reads the private
+//! network's pre-shared key.
 
 pub mod bootstrap;
 pub mod conformance;
 pub mod kademlia;
 pub mod memory;
+pub mod psk;
 pub mod sync;
 
 use std::net::SocketAddr;
