@@ -199,10 +199,12 @@ async fn hop_cluster(
             .advertise((0..5).map(|i| key(n, i)).collect())
             .await?;
     }
-    // Findable from a non-owner before timing (bounded).
+    // Findable from a non-owner before timing (bounded: a key still missing after a minute
+    // shows up as a failed lookup below instead of eating the run).
+    let ready_by = deadline.min(Instant::now() + Duration::from_secs(60));
     for n in 0..owners {
         for i in 0..5 {
-            while Instant::now() < deadline
+            while Instant::now() < ready_by
                 && tokio::time::timeout(
                     Duration::from_secs(3),
                     lookup_first(&nodes[size - 1].router, &key(n, i)),
