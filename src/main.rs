@@ -9,7 +9,7 @@
 //!
 //! The global allocator is jemalloc (feature `jemalloc`, on by default) with background
 //! purging threads: after a burst (1,000 concurrent 1 MiB bodies) glibc malloc kept ~70 MiB of
-//! freed memory in its per-thread arenas for good, jemalloc hands dirty pages back to the kernel
+//! freed memory in its per-thread arenas for good; jemalloc hands dirty pages back to the kernel
 //! within its decay time (10 s) even when the daemon goes idle. Measurements: ROBUSTNESS.md §4.
 //! Runtime tuning without a rebuild: `_RJEM_MALLOC_CONF=dirty_decay_ms:…` (jemalloc's options).
 

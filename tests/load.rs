@@ -32,7 +32,7 @@ const REGISTRY: &str = "127.0.0.1:5000";
 /// Whole-run bound: generous for a debug build on 2 shared cores.
 const RUN_WITHIN: Duration = Duration::from_secs(240);
 /// "Back at the baseline": RSS at most this far above the pre-load figure. Measured with
-/// jemalloc: +6–8 MiB after 20–30 s (tokio's idle blocking threads, connection-table slack);
+/// jemalloc: +7–12 MiB after 9–22 s (tokio's idle blocking threads, connection-table slack);
 /// glibc malloc stayed at +45–75 MiB for good (ROBUSTNESS.md §4).
 const RSS_RETURN_SLACK_KIB: u64 = 16 * 1024;
 /// How long memory may take to go back: jemalloc's dirty pages decay over 10 s, purged by its
