@@ -427,9 +427,8 @@ async fn large_cluster(
     // random sample of them is findable from nodes that do not hold them.
     let advertisers = advertisers.min(size - 1).max(1);
     let (cpu0, bytes0, t0) = (cpu_seconds(), lo_bytes(), Instant::now());
-    for a in 0..advertisers {
-        nodes[a]
-            .router
+    for (a, node) in nodes.iter().enumerate().take(advertisers) {
+        node.router
             .advertise((0..keys).map(|i| key(a, i)).collect())
             .await?;
     }
