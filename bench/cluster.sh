@@ -15,7 +15,8 @@
 #
 #   sudo bench/cluster.sh            (takes the machine-wide rig lock itself: do not wrap in flock)
 # Environment: BENCH_IMAGES (SIZE_MB:LAYERS list, default "10:1 10:4 200:1 200:4"),
-# BENCH_NODES (default 4), BENCH_REPEAT (default 1), BENCH_UPSTREAM_RATE (100mbit),
+# BENCH_SCENARIOS ("update create", default both; "update" alone skips the lone and the
+# concurrent cold pulls, e.g. for ~1 GB images), BENCH_NODES (default 4), BENCH_REPEAT (default 1), BENCH_UPSTREAM_RATE (100mbit),
 # BENCH_NODE_RATE (1gbit), BENCH_OUT (results dir, default $RIG_DIR/bench),
 # SPECULUM_BIN (default target/release/speculum). The rig is taken down on exit.
 #
@@ -33,6 +34,7 @@ source "$BENCH_HERE/../tests/rig/rig.sh"
 
 BENCH_IMAGES=${BENCH_IMAGES:-"10:1 10:4 200:1 200:4"}
 BENCH_REPEAT=${BENCH_REPEAT:-1}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-"update create"}
 BENCH_UPSTREAM_RATE=${BENCH_UPSTREAM_RATE:-100mbit}
 BENCH_NODE_RATE=${BENCH_NODE_RATE:-1gbit}
 BENCH_OUT=${BENCH_OUT:-$RIG_DIR/bench}
@@ -181,6 +183,7 @@ record() {
 }
 
 others() { seq 2 "$NODES"; }
+wants() { [[ " $BENCH_SCENARIOS " == *" $1 "* ]]; }
 all_nodes() { seq 1 "$NODES"; }
 
 # bench_image NAME REF DIGEST REPEAT: every scenario and mode for one image.
@@ -189,33 +192,38 @@ bench_image() {
 	repo=${ref#*/}
 	repo=${repo%:*}
 
-	log "[$name #$rep] direct: one node alone"
 	set_mode direct
-	GETS_BEFORE=$(layer_gets)
-	out=$(pull_many "$ref" 1)
-	record single direct "$name" "$rep" "$out"
-	wipe_all
-
+	if wants create; then
+		log "[$name #$rep] direct: one node alone"
+		GETS_BEFORE=$(layer_gets)
+		out=$(pull_many "$ref" 1)
+		record single direct "$name" "$rep" "$out"
+		wipe_all
+	fi
 	log "[$name #$rep] direct: update (nodes 2..$NODES at once) and create (all at once)"
 	GETS_BEFORE=$(layer_gets)
 	# shellcheck disable=SC2046
 	out=$(pull_many "$ref" $(others))
 	record update direct "$name" "$rep" "$out"
 	wipe_all
-	GETS_BEFORE=$(layer_gets)
-	# shellcheck disable=SC2046
-	out=$(pull_many "$ref" $(all_nodes))
-	record create direct "$name" "$rep" "$out"
-	wipe_all
+	if wants create; then
+		GETS_BEFORE=$(layer_gets)
+		# shellcheck disable=SC2046
+		out=$(pull_many "$ref" $(all_nodes))
+		record create direct "$name" "$rep" "$out"
+		wipe_all
+	fi
 
 	log "[$name #$rep] pull-through cache"
 	set_mode cache
 	reset_cache
-	GETS_BEFORE=$(layer_gets)
-	# shellcheck disable=SC2046
-	out=$(pull_many "$ref" $(all_nodes))
-	record create cache "$name" "$rep" "$out"
-	wipe_all
+	if wants create; then
+		GETS_BEFORE=$(layer_gets)
+		# shellcheck disable=SC2046
+		out=$(pull_many "$ref" $(all_nodes))
+		record create cache "$name" "$rep" "$out"
+		wipe_all
+	fi
 	pull_many "$ref" 1 >/dev/null # the cache is warm now, and node 1 has the image
 	GETS_BEFORE=$(layer_gets)
 	# shellcheck disable=SC2046
@@ -227,13 +235,15 @@ bench_image() {
 	set_mode speculum
 	poll_until "$RIG_TIMEOUT" "records of $repo to be withdrawn" not_found_anywhere "$repo" "$digest" ||
 		die "some node still finds $repo@$digest after every node removed it"
-	GETS_BEFORE=$(layer_gets)
-	# shellcheck disable=SC2046
-	out=$(pull_many "$ref" $(all_nodes))
-	record create speculum "$name" "$rep" "$out"
-	wipe_all
-	poll_until "$RIG_TIMEOUT" "records of $repo to be withdrawn" not_found_anywhere "$repo" "$digest" ||
-		die "some node still finds $repo@$digest after every node removed it"
+	if wants create; then
+		GETS_BEFORE=$(layer_gets)
+		# shellcheck disable=SC2046
+		out=$(pull_many "$ref" $(all_nodes))
+		record create speculum "$name" "$rep" "$out"
+		wipe_all
+		poll_until "$RIG_TIMEOUT" "records of $repo to be withdrawn" not_found_anywhere "$repo" "$digest" ||
+			die "some node still finds $repo@$digest after every node removed it"
+	fi
 	pull_many "$ref" 1 >/dev/null
 	local n
 	# "Has the image" means its records are out: every node's mirror finds the tag and every

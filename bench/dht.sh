@@ -4,7 +4,7 @@
 #
 # One job: build the simulation with the bench profile, then run it bounded inside
 # `spbench-dht-<pid>` (only `lo`, up). Knobs are the simulation's (SIM_NODES, SIM_SMALL,
-# SIM_KEYS, SIM_ADVERTISERS, SIM_LOOKUPS, SIM_DEADLINE_S) plus BENCH_OUT.
+# SIM_KEYS, SIM_ADVERTISERS, SIM_LOOKUPS, SIM_HOPS, SIM_DEADLINE_S) plus BENCH_OUT.
 #
 #   sudo bench/dht.sh
 # Without root it runs in the host namespace (bytes then include others' loopback traffic).

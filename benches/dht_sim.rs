@@ -3,14 +3,17 @@
 //! One job: measure what the Router seam costs as a cluster grows — lookup latency (time until
 //! a lookup hands out its first verified provider, which is what the mirror waits for), the
 //! answer for a key nobody has, and what advertising 10 k digests costs a node (wall time until
-//! they are findable, CPU-seconds, bytes on the wire). Every node is the production router
+//! they are findable, CPU-seconds, bytes on the wire), and how many peers a lookup's kad walk
+//! contacts (kad's `QueryStats`, through `KademliaRouter::take_lookup_costs`) at several cluster
+//! sizes, to check the log₂ N growth the scale model assumes. Every node is the production router
 //! (TCP + noise + yamux, kad, identify, ping, the `has` check); only the network is loopback.
 //! The reference measured in the same run is a loopback TCP request/response round trip.
 //!
 //! Run: `bench/dht.sh` (a network namespace of its own, so the byte count is ours alone), or
 //! `cargo bench --bench dht_sim`. Knobs (environment): `SIM_NODES` (100), `SIM_SMALL` (5, the
 //! peer-lookup cluster), `SIM_KEYS` (10000 per advertising node), `SIM_ADVERTISERS` (2),
-//! `SIM_LOOKUPS` (300), `SIM_DEADLINE_S` (300, the whole run), `BENCH_OUT` (writes
+//! `SIM_LOOKUPS` (300), `SIM_HOPS` (cluster sizes for the hop count, "25 50 100"; empty: skip),
+//! `SIM_DEADLINE_S` (300, the whole run), `BENCH_OUT` (writes
 //! `dht_sim.json` there). Every wait is a bounded poll; the run ends at the deadline whatever
 //! is left, saying so.
 
@@ -20,7 +23,7 @@ use std::time::Duration;
 use rand::Rng;
 use rand::seq::IndexedRandom;
 use speculum::routing::Router;
-use speculum::routing::kademlia::{self, KademliaConfig, KademliaRouter};
+use speculum::routing::kademlia::{self, KademliaConfig, KademliaRouter, LookupCost};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -167,6 +170,127 @@ fn summary(name: &str, v: &mut [Duration], failed: usize) -> serde_json::Value {
 }
 
 /// CPU-seconds this process has used (utime + stime from /proc/self/stat).
+/// p50 / p99 / max of a count.
+fn count_summary(v: &mut [u32]) -> serde_json::Value {
+    if v.is_empty() {
+        return serde_json::json!({"n": 0});
+    }
+    v.sort_unstable();
+    let at = |p: f64| v[(((v.len() - 1) as f64) * p).round() as usize];
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+    serde_json::json!({"n": v.len(), "mean": mean, "p50": at(0.5), "p99": at(0.99), "max": at(1.0)})
+}
+
+/// Lookup latency and kad walk cost in a cluster of `size`: 10 nodes advertise 5 keys each,
+/// then `lookups` lookups from random other nodes (one at a time, so the walk is not slowed
+/// by its neighbours), and 50 of keys nobody has. Costs come from every node's
+/// `take_lookup_costs` (drained before the timed lookups so only those are counted).
+async fn hop_cluster(
+    size: usize,
+    lookups: usize,
+    deadline: Instant,
+) -> anyhow::Result<serde_json::Value> {
+    let t = Instant::now();
+    let nodes = cluster(size, 8.min(size - 1), deadline).await?;
+    let startup = t.elapsed();
+    let owners = 10.min(size - 1);
+    for (n, node) in nodes.iter().enumerate().take(owners) {
+        node.router
+            .advertise((0..5).map(|i| key(n, i)).collect())
+            .await?;
+    }
+    // Findable from a non-owner before timing (bounded: a key still missing after a minute
+    // shows up as a failed lookup below instead of eating the run).
+    let ready_by = deadline.min(Instant::now() + Duration::from_secs(60));
+    for n in 0..owners {
+        for i in 0..5 {
+            while Instant::now() < ready_by
+                && tokio::time::timeout(
+                    Duration::from_secs(3),
+                    lookup_first(&nodes[size - 1].router, &key(n, i)),
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+            {}
+        }
+    }
+    let drain = |nodes: &[SimNode]| -> Vec<LookupCost> {
+        nodes
+            .iter()
+            .flat_map(|n| n.router.take_lookup_costs())
+            .collect()
+    };
+    drain(&nodes);
+    let mut rng = rand::rng();
+    let (mut hit, mut failed) = (Vec::new(), 0);
+    for _ in 0..lookups {
+        if Instant::now() > deadline {
+            break;
+        }
+        let from = rng.random_range(owners..size);
+        let k = key(rng.random_range(0..owners), rng.random_range(0..5));
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            lookup_first(&nodes[from].router, &k),
+        )
+        .await
+        .ok()
+        .flatten()
+        {
+            Some(d) => hit.push(d),
+            None => failed += 1,
+        }
+    }
+    // A lookup ends (and stops its walk) once it has verified a provider; its final kad event
+    // follows a moment later: poll (bounded) until every lookup's cost is in.
+    let wanted = hit.len() + failed;
+    let mut costs = Vec::new();
+    let until = Instant::now() + Duration::from_secs(5);
+    while costs.len() < wanted && Instant::now() < until {
+        costs.extend(drain(&nodes));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut first: Vec<u32> = costs
+        .iter()
+        .filter_map(|c| c.requests_to_first_provider)
+        .collect();
+    let local = first.iter().filter(|&&r| r == 0).count();
+    let mut total: Vec<u32> = costs.iter().map(|c| c.requests).collect();
+    let mut miss = Vec::new();
+    for i in 0..lookups.min(50) {
+        if Instant::now() > deadline {
+            break;
+        }
+        let from = rng.random_range(0..size);
+        if let Some(d) = lookup_miss(&nodes[from].router, &key(77_777, i)).await {
+            miss.push(d);
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut miss_costs = Vec::new();
+    while miss_costs.len() < miss.len() && Instant::now() < until {
+        miss_costs.extend(drain(&nodes));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut miss_requests: Vec<u32> = miss_costs.iter().map(|c| c.requests).collect();
+    let out = serde_json::json!({
+        "nodes": size,
+        "startup_s": startup.as_secs_f64(),
+        "lookup_hit": summary(&format!("hops, {size} nodes: lookup, first provider"), &mut hit, failed),
+        "requests_to_first_provider": count_summary(&mut first),
+        "answered_from_own_store": local,
+        "requests_whole_walk": count_summary(&mut total),
+        "lookup_miss": summary(&format!("hops, {size} nodes: lookup of a key nobody has"), &mut miss, 0),
+        "requests_miss_walk": count_summary(&mut miss_requests),
+        "log2_n": (size as f64).log2(),
+    });
+    println!("hops, {size} nodes: {out}");
+    shutdown(nodes).await;
+    Ok(out)
+}
+
 fn cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return f64::NAN;
@@ -303,9 +427,8 @@ async fn large_cluster(
     // random sample of them is findable from nodes that do not hold them.
     let advertisers = advertisers.min(size - 1).max(1);
     let (cpu0, bytes0, t0) = (cpu_seconds(), lo_bytes(), Instant::now());
-    for a in 0..advertisers {
-        nodes[a]
-            .router
+    for (a, node) in nodes.iter().enumerate().take(advertisers) {
+        node.router
             .advertise((0..keys).map(|i| key(a, i)).collect())
             .await?;
     }
@@ -411,12 +534,25 @@ async fn run() -> anyhow::Result<()> {
     let mut rt = tcp_round_trip(2000).await?;
     let reference = summary("reference: loopback TCP round trip", &mut rt, 0);
     let small_out = small_cluster(small, lookups, deadline).await?;
+    let mut hops = Vec::new();
+    for n in std::env::var("SIM_HOPS")
+        .unwrap_or_else(|_| "25 50 100".into())
+        .split_whitespace()
+        .filter_map(|v| v.parse::<usize>().ok())
+    {
+        if Instant::now() > deadline {
+            eprintln!("dht_sim: no time left for the {n}-node hop count");
+            break;
+        }
+        hops.push(hop_cluster(n.max(12), lookups.min(200), deadline).await?);
+    }
     let large_out = large_cluster(size, keys, advertisers, lookups, deadline).await?;
     let out = serde_json::json!({
         "machine": format!("{} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)),
         "elapsed_s": started.elapsed().as_secs_f64(),
         "reference_tcp_round_trip": reference,
         "small": small_out,
+        "hops": hops,
         "large": large_out,
     });
     println!("{out}");

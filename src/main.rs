@@ -7,12 +7,22 @@
 //!   tests, or print its decision for one input (regorus, as the daemon evaluates it).
 //! - `speculum audit FILE…`: filter and summarise audit logs.
 //! - `speculum psk generate`: print a new private-network key file (`routing.psk_file`).
+//!
+//! The global allocator is jemalloc (feature `jemalloc`, on by default) with background
+//! purging threads: after a burst (1,000 concurrent 1 MiB bodies) glibc malloc kept ~70 MiB of
+//! freed memory in its per-thread arenas for good; jemalloc hands dirty pages back to the kernel
+//! within its decay time (10 s) even when the daemon goes idle. Measurements: ROBUSTNESS.md §4.
+//! Runtime tuning without a rebuild: `_RJEM_MALLOC_CONF=dirty_decay_ms:…` (jemalloc's options).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use speculum::config::{self, Config};
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 #[command(

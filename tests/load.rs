@@ -2,7 +2,8 @@
 //! all) mixing manifests by digest and tag, HEADs, small blobs, a 1 MiB blob and ranges of it,
 //! all served from a real private containerd. Every reply is checked (status, length, bytes);
 //! the test records latency percentiles and the daemon's peak RSS, and runs the load twice to
-//! check that memory settles once the clients are gone and does not grow from round to round.
+//! check that memory returns to the pre-load baseline once the clients are gone, every round
+//! (glibc malloc kept ~70 MiB of freed arena memory here; the daemon's jemalloc purges it).
 //!
 //! Bounded everywhere: a fixed request count, a per-request and a whole-run timeout, and a
 //! bounded poll for memory. Needs root and containerd, like tests/daemon.rs.
@@ -30,8 +31,13 @@ const BIG: usize = 1024 * 1024;
 const REGISTRY: &str = "127.0.0.1:5000";
 /// Whole-run bound: generous for a debug build on 2 shared cores.
 const RUN_WITHIN: Duration = Duration::from_secs(240);
-/// What "no growth" allows between two identical rounds.
-const RSS_SLACK_KIB: u64 = 32 * 1024;
+/// "Back at the baseline": RSS at most this far above the pre-load figure. Measured with
+/// jemalloc: +7–12 MiB after 9–22 s (tokio's idle blocking threads, connection-table slack);
+/// glibc malloc stayed at +45–75 MiB for good (ROBUSTNESS.md §4).
+const RSS_RETURN_SLACK_KIB: u64 = 16 * 1024;
+/// How long memory may take to go back: jemalloc's dirty pages decay over 10 s, purged by its
+/// background threads.
+const RSS_RETURN_WITHIN: Duration = Duration::from_secs(60);
 
 /// 1,000 sockets on each side may exceed a default soft limit of 1024 descriptors; raise it for
 /// `pid` (best effort: where it cannot be raised, the run reports connect errors).
@@ -329,9 +335,8 @@ async fn thousand_connections_ten_thousand_requests() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (baseline, _) = d.rss();
 
-    // Two identical rounds: the first shows the cost of 1,000 connections, the second that
-    // nothing accumulates (a leak would grow RSS again; allocator retention does not).
-    let mut rounds = Vec::new();
+    // Two identical rounds, each followed by a return to the baseline: a leak would fail the
+    // second even if the first passed.
     for round in 1..=2 {
         // Sample RSS during the run.
         let pid = d.child.id();
@@ -417,21 +422,18 @@ async fn thousand_connections_ten_thousand_requests() {
         let sampled_peak = sampler.await.unwrap_or(0);
         let (_, hwm) = d.rss();
 
-        // After the run: connections are closed (tasks ended); wait (bounded) until RSS settles
-        // (two samples a second apart within 1 MiB) or is back at the baseline.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let mut last = d.rss().0;
+        // After the run: connections are closed (tasks ended); poll (bounded) until RSS is back
+        // within the slack of the baseline.
+        let idle = Instant::now();
+        let right_after = d.rss().0;
         let after = loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
             let (rss, _) = d.rss();
-            if rss <= baseline + RSS_SLACK_KIB
-                || rss.abs_diff(last) < 1024
-                || Instant::now() > deadline
-            {
+            if rss <= baseline + RSS_RETURN_SLACK_KIB || idle.elapsed() > RSS_RETURN_WITHIN {
                 break rss;
             }
-            last = rss;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         };
+        let returned_after = idle.elapsed();
 
         latencies.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -449,7 +451,9 @@ async fn thousand_connections_ten_thousand_requests() {
                 "max": ms(latencies.last().copied().unwrap_or_default()),
             },
             "round": round,
-            "rss_kib": {"baseline": baseline, "peak_sampled": sampled_peak, "peak_hwm": hwm, "after": after},
+            "rss_kib": {"baseline": baseline, "peak_sampled": sampled_peak, "peak_hwm": hwm,
+                        "right_after": right_after, "after": after},
+            "rss_returned_after_s": returned_after.as_secs_f64(),
         });
         println!("load: {report}");
         if let Some(path) = std::env::var_os("SPECULUM_LOAD_REPORT")
@@ -480,16 +484,13 @@ async fn thousand_connections_ten_thousand_requests() {
                 .join("\n")
         );
         assert_eq!(latencies.len(), CONNECTIONS * PER_CONNECTION);
-        rounds.push((hwm, after));
+        // Peaks vary with scheduling (how many 1 MiB bodies are in flight at once); what stays
+        // afterwards is what would show a leak or an allocator hoarding freed memory.
+        assert!(
+            after <= baseline + RSS_RETURN_SLACK_KIB,
+            "round {round}: RSS {after} KiB {returned_after:?} after the load, baseline \
+             {baseline} KiB (+{} KiB allowed); peak {hwm} KiB",
+            RSS_RETURN_SLACK_KIB
+        );
     }
-    let [(peak1, after1), (peak2, after2)] = rounds[..] else {
-        panic!("two rounds ran");
-    };
-    // Peaks vary with scheduling (how many 1 MiB bodies are in flight at once); what settles
-    // afterwards is what would show a leak.
-    assert!(
-        after2 <= after1 + RSS_SLACK_KIB,
-        "RSS grows from round to round (baseline {baseline} KiB): round 1 peak {peak1} after \
-         {after1}, round 2 peak {peak2} after {after2} KiB"
-    );
 }

@@ -425,6 +425,46 @@ struct Shared {
     handshake_failures: AtomicU64,
     // A std Mutex: it is never held across an `.await`.
     listen_addrs: Mutex<Vec<Multiaddr>>,
+    lookup_costs: Mutex<LookupCosts>,
+}
+
+/// What one lookup's kad walk cost, from kad's `QueryStats` (benches/dht_sim.rs reads these
+/// through [`KademliaRouter::take_lookup_costs`] to measure hops as a cluster grows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupCost {
+    /// Requests (peers contacted) until the walk first returned a provider; `None` if it never did.
+    pub requests_to_first_provider: Option<u32>,
+    /// Requests over the whole walk (it stops early once the lookup has its peers).
+    pub requests: u32,
+    /// Of those, requests that were answered.
+    pub successes: u32,
+}
+
+/// Finished lookups' costs, newest last; bounded so an unread log cannot grow.
+#[derive(Default)]
+struct LookupCosts {
+    first: HashMap<kad::QueryId, u32>,
+    done: VecDeque<LookupCost>,
+}
+
+impl LookupCosts {
+    const KEEP: usize = 10_000;
+
+    fn progressed(&mut self, id: kad::QueryId, found: bool, stats: &kad::QueryStats, last: bool) {
+        if found {
+            self.first.entry(id).or_insert(stats.num_requests());
+        }
+        if last {
+            if self.done.len() == Self::KEEP {
+                self.done.pop_front();
+            }
+            self.done.push_back(LookupCost {
+                requests_to_first_provider: self.first.remove(&id),
+                requests: stats.num_requests(),
+                successes: stats.num_successes(),
+            });
+        }
+    }
 }
 
 enum Command {
@@ -488,6 +528,7 @@ where
         advertised: AtomicUsize::new(0),
         handshake_failures: AtomicU64::new(0),
         listen_addrs: Mutex::new(vec![first]),
+        lookup_costs: Mutex::default(),
     });
     let (tx, rx) = mpsc::channel(1024);
     let node = Node::new(swarm, config, shared.clone(), rx, listener);
@@ -592,6 +633,16 @@ impl KademliaRouter {
     /// Number of keys this node advertises (metric `speculum_routing_advertised_keys`).
     pub fn advertised_count(&self) -> usize {
         self.shared.advertised.load(Ordering::Relaxed)
+    }
+
+    /// The kad cost of every lookup finished since the last call (at most the last 10,000).
+    pub fn take_lookup_costs(&self) -> Vec<LookupCost> {
+        let mut costs = self
+            .shared
+            .lookup_costs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        costs.done.drain(..).collect()
     }
 
     async fn send(&self, command: Command) -> Result<(), RouterError> {
@@ -1225,18 +1276,25 @@ impl Node {
     fn on_kad_event(&mut self, event: kad::Event) {
         match event {
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => match result {
                 kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
                     providers,
                     ..
                 })) => {
+                    self.lookup_progressed(id, !providers.is_empty(), &stats, step.last);
                     self.on_providers(id, providers);
                     if step.last {
                         self.on_query_done(id);
                     }
                 }
-                kad::QueryResult::GetProviders(_) => self.on_query_done(id),
+                kad::QueryResult::GetProviders(_) => {
+                    self.lookup_progressed(id, false, &stats, step.last);
+                    self.on_query_done(id);
+                }
                 kad::QueryResult::StartProviding(r) => {
                     if let Err(e) = r {
                         debug!(error = %e, "announcing a key did not reach every node");
@@ -1260,6 +1318,20 @@ impl Node {
             }
             _ => {}
         }
+    }
+
+    fn lookup_progressed(
+        &self,
+        id: kad::QueryId,
+        found: bool,
+        stats: &kad::QueryStats,
+        last: bool,
+    ) {
+        self.shared
+            .lookup_costs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .progressed(id, found, stats, last);
     }
 
     fn on_query_done(&mut self, id: kad::QueryId) {
