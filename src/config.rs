@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::audit::AuditConfig;
+use crate::cache::CacheConfig;
 use crate::hosts::HostsConfig;
 use crate::policy::PolicyConfig;
 use crate::registry::MirrorConfig;
@@ -35,6 +36,8 @@ pub struct Config {
     /// The Rego bundle and the `resolve_tags` / `resolve_latest_tag` switches.
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
+    /// The own blob cache, upstream fetches and coalescing (`docs/cache.md`).
+    pub cache: CacheConfig,
     pub log: LogConfig,
 }
 
@@ -206,6 +209,7 @@ impl Config {
             "hosts" => self.hosts = v(value)?,
             "policy" => self.policy = v(value)?,
             "audit" => self.audit = v(value)?,
+            "cache" => self.cache = v(value)?,
             "log" => self.log = v(value)?,
             other => {
                 return Err(serde::de::Error::custom(format!(
@@ -226,6 +230,9 @@ impl Config {
         errors.extend(self.hosts.validate());
         errors.extend(self.policy.validate());
         errors.extend(self.audit.validate());
+        if self.cache.enabled {
+            errors.extend(self.cache.validate());
+        }
         if !matches!(self.log.format.as_str(), "json" | "text") {
             errors.push(format!(
                 "log.format must be json or text, got {:?}",

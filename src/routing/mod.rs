@@ -6,15 +6,19 @@
 //! [`sync`] keeps the advertised keys in step with the store.
 
 pub mod bootstrap;
+pub mod claim;
 pub mod conformance;
 pub mod kademlia;
 pub mod memory;
 pub mod sync;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
+
+pub use claim::Claim;
 
 /// Another node that holds a key, and where its registry endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,4 +55,9 @@ pub trait Router: Send + Sync + 'static {
 
     /// Stops announcing `keys`. Idempotent.
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
+
+    /// Asks `key`'s coordinator (see [`claim`]) who fetches it from upstream: the first
+    /// claimant wins for `ttl`, later ones are told to follow it. An error (coordinator
+    /// unreachable) means "fetch it yourself": coalescing never fails a pull.
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim, RouterError>;
 }
