@@ -505,10 +505,6 @@ fn node_ip(n: u32) -> String {
     format!("{}.{}", subnet(), 10 + n)
 }
 
-fn upstream_host() -> String {
-    format!("{}.2:5000", subnet())
-}
-
 fn subnet() -> String {
     std::env::var("RIG_SUBNET").unwrap_or_else(|_| "10.250.77".to_string())
 }
@@ -555,6 +551,7 @@ struct ImagesFile {
 }
 
 #[derive(Deserialize, Clone)]
+#[allow(dead_code)] // the whole record push-images.sh writes; not every field is read here
 struct Image {
     name: String,
     repository: String,

@@ -581,3 +581,6 @@ fn skip_bytes(
     })
     .boxed()
 }
+
+#[cfg(test)]
+mod tests;
