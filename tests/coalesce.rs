@@ -120,8 +120,7 @@ fn pulls_survive_the_fetching_node_dying_mid_blob() -> Result<()> {
                 rig.call(&["ingest_bytes", &n.to_string()])
                     .map(|s| s.trim().parse::<u64>().unwrap_or(0))
             })
-            .sum::<Result<u64>>()?
-            .max(0);
+            .sum::<Result<u64>>()?;
         if let Some(n) = who
             && ingest >= layer.size / 4
         {
