@@ -282,8 +282,14 @@ restart_daemons() {
 		# Right after the fork the recorded PID's command line may not name the rig dir yet, so
 		# start_speculum can misjudge a starting daemon as exited: check readiness here instead.
 		(start_speculum "$n") || true
-		poll_until "$RIG_TIMEOUT" "speculum on node $n ready" speculum_ready "$n" ||
-			die "speculum on node $n did not become ready; see $(node_dir "$n")/speculum.log"
+		if ! poll_until "$RIG_TIMEOUT" "speculum on node $n ready" speculum_ready "$n"; then
+			# Keep the evidence (`down` of the next rig user wipes it), then try once more.
+			cp "$(node_dir "$n")/speculum.log" "$BENCH_OUT/n$n-speculum-restart.log" 2>/dev/null || true
+			stop_speculum "$n" || true
+			(start_speculum "$n") || true
+			poll_until "$RIG_TIMEOUT" "speculum on node $n ready (second try)" speculum_ready "$n" ||
+				die "speculum on node $n did not become ready; see $BENCH_OUT/n$n-speculum-restart.log"
+		fi
 	done
 	for ((n = 1; n <= NODES; n++)); do
 		poll_until "$RIG_TIMEOUT" "node $n to know every peer" knows_all_peers "$n" ||
