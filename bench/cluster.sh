@@ -8,6 +8,8 @@
 #           once. Ratio: slowest of the N-1 pulls / slowest of N-1 concurrent direct pulls.
 #   create  N nodes pull the same cold image at once. Ratio: slowest of the N pulls / one
 #           node's lone direct pull (Spegel's figure is ≈ N× here: nobody has it yet).
+#           Mode `coalesce` (BENCH_COALESCE=1, the default): speculum with its blob cache on
+#           (docs/cache.md), empty caches, so one node fetches each blob and the others follow.
 # Modes are switched per node by swapping containerd's hosts.toml (containerd re-reads it on
 # every pull): direct = the rig's plain file, cache = the pull-through cache first, speculum =
 # what `speculum configure` wrote. Between runs every image is removed (`ctr images rm --sync`,
@@ -16,8 +18,9 @@
 #   sudo bench/cluster.sh            (takes the machine-wide rig lock itself: do not wrap in flock)
 # Environment: BENCH_IMAGES (SIZE_MB:LAYERS list, default "10:1 10:4 200:1 200:4"),
 # BENCH_SCENARIOS ("update create", default both; "update" alone skips the lone and the
-# concurrent cold pulls, e.g. for ~1 GB images), BENCH_NODES (default 4), BENCH_REPEAT (default 1), BENCH_UPSTREAM_RATE (100mbit),
-# BENCH_NODE_RATE (1gbit), BENCH_OUT (results dir, default $RIG_DIR/bench),
+# concurrent cold pulls, e.g. for ~1 GB images), BENCH_NODES (default 4), BENCH_REPEAT (default 1),
+# BENCH_UPSTREAM_RATE (100mbit), BENCH_NODE_RATE (1gbit), BENCH_OUT (results dir, default
+# $RIG_DIR/bench), BENCH_COALESCE (1),
 # SPECULUM_BIN (default target/release/speculum). The rig is taken down on exit.
 #
 # Safety: everything runs inside the rig's namespaces (cri_pull, node_exec, up_exec); the cache
@@ -38,6 +41,7 @@ BENCH_SCENARIOS=${BENCH_SCENARIOS:-"update create"}
 BENCH_UPSTREAM_RATE=${BENCH_UPSTREAM_RATE:-100mbit}
 BENCH_NODE_RATE=${BENCH_NODE_RATE:-1gbit}
 BENCH_OUT=${BENCH_OUT:-$RIG_DIR/bench}
+BENCH_COALESCE=${BENCH_COALESCE:-1}
 CACHE_NS=spcl-cache
 CACHE_IP=$RIG_SUBNET.3
 CACHE_PORT=5000
@@ -262,7 +266,48 @@ bench_image() {
 	out=$(pull_many "$ref" $(others))
 	record update speculum "$name" "$rep" "$out"
 	wipe_all
+
+	if [[ $BENCH_COALESCE == 1 ]]; then
+		log "[$name #$rep] speculum with the blob cache: coalesced create"
+		restart_daemons 1
+		GETS_BEFORE=$(layer_gets)
+		# shellcheck disable=SC2046
+		out=$(pull_many "$ref" $(all_nodes))
+		record create coalesce "$name" "$rep" "$out"
+		wipe_all
+		restart_daemons 0
+	fi
 }
+
+# restart_daemons CACHE: every node's daemon restarted with the blob cache on (1, emptied
+# first, so the next pull is cold) or off (0); waits (bounded) until each knows every other
+# node, since the coalescing claim's coordinator is chosen among known nodes.
+restart_daemons() {
+	local n
+	for ((n = 1; n <= NODES; n++)); do
+		stop_speculum "$n"
+		rm -rf --one-file-system "$(node_dir "$n")/cache"
+		RIG_CACHE=$1 write_speculum_config "$n"
+	done
+	for ((n = 1; n <= NODES; n++)); do
+		# Right after the fork the recorded PID's command line may not name the rig dir yet, so
+		# start_speculum can misjudge a starting daemon as exited: check readiness here instead.
+		(start_speculum "$n") || true
+		if ! poll_until "$RIG_TIMEOUT" "speculum on node $n ready" speculum_ready "$n"; then
+			# Keep the evidence (`down` of the next rig user wipes it), then try once more.
+			cp "$(node_dir "$n")/speculum.log" "$BENCH_OUT/n$n-speculum-restart.log" 2>/dev/null || true
+			stop_speculum "$n" || true
+			(start_speculum "$n") || true
+			poll_until "$RIG_TIMEOUT" "speculum on node $n ready (second try)" speculum_ready "$n" ||
+				die "speculum on node $n did not become ready; see $BENCH_OUT/n$n-speculum-restart.log"
+		fi
+	done
+	for ((n = 1; n <= NODES; n++)); do
+		poll_until "$RIG_TIMEOUT" "node $n to know every peer" knows_all_peers "$n" ||
+			die "node $n does not know the other $((NODES - 1)) nodes"
+	done
+}
+knows_all_peers() { (($(metric_sum "$1" speculum_routing_peers | cut -d. -f1) >= NODES - 1)); }
 
 # push_bench_images SPEC...: generates (cached) and pushes; prints "name ref digest" lines.
 push_bench_images() {
@@ -298,11 +343,11 @@ summary() {
 		. as $all | ([.[].image] | unique) as $imgs |
 		"upstream link \($up), node links \($node); ms = slowest node (median of repeats, range)",
 		"",
-		"| image | direct alone ms | update: direct ms | update: cache | update: speculum | create: direct | create: cache | create: speculum |",
-		"|---|---|---|---|---|---|---|---|",
+		"| image | direct alone ms | update: direct ms | update: cache | update: speculum | create: direct | create: cache | create: speculum | create: coalesce (cache on) |",
+		"|---|---|---|---|---|---|---|---|---|",
 		($imgs[] as $i | $all |
 		 ms($i; "single"; "direct") as $d1 | ms($i; "update"; "direct") as $ud |
-		 "| \($i) | \($d1)\(sp($i; "single"; "direct")) | \($ud)\(sp($i; "update"; "direct")) | \(r(ms($i; "update"; "cache"); $ud)) \(ms($i; "update"; "cache"))ms | \(r(ms($i; "update"; "speculum"); $ud)) \(ms($i; "update"; "speculum"))ms\(sp($i; "update"; "speculum")) | \(r(ms($i; "create"; "direct"); $d1)) | \(r(ms($i; "create"; "cache"); $d1)) | \(r(ms($i; "create"; "speculum"); $d1)) \(ms($i; "create"; "speculum"))ms |")
+		 "| \($i) | \($d1)\(sp($i; "single"; "direct")) | \($ud)\(sp($i; "update"; "direct")) | \(r(ms($i; "update"; "cache"); $ud)) \(ms($i; "update"; "cache"))ms | \(r(ms($i; "update"; "speculum"); $ud)) \(ms($i; "update"; "speculum"))ms\(sp($i; "update"; "speculum")) | \(r(ms($i; "create"; "direct"); $d1)) | \(r(ms($i; "create"; "cache"); $d1)) | \(r(ms($i; "create"; "speculum"); $d1)) \(ms($i; "create"; "speculum"))ms | \(r(ms($i; "create"; "coalesce"); $d1)) \(ms($i; "create"; "coalesce"))ms\(sp($i; "create"; "coalesce")) |")
 	' "$RESULTS"
 }
 

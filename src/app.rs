@@ -15,6 +15,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditSink, JsonlSink};
+use crate::cache::Cache;
+use crate::cache::coalesce::Coalescer;
 use crate::config::Config;
 use crate::metrics::{Handler, Metrics};
 use crate::policy::reload as policy_reload;
@@ -104,9 +106,25 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
 
     let mirror = Mirror::new(router_dyn.clone(), config.mirror.clone(), metrics.clone())
         .context("building the peer HTTP client")?;
+    let coalescer = if config.cache.enabled {
+        let cache = Cache::open(&config.cache.dir, config.cache.max_bytes)
+            .context("opening the blob cache")?;
+        Some(
+            Coalescer::new(
+                cache,
+                router_dyn.clone(),
+                config.cache.clone(),
+                metrics.cache.clone(),
+            )
+            .context("building the upstream HTTP client")?,
+        )
+    } else {
+        None
+    };
     let state = |handler, mirror: Option<Arc<Mirror>>| RegistryState {
         store: store.clone(),
         mirror,
+        cache: coalescer.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         handler,
@@ -124,7 +142,8 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         let gate = gate.clone();
         let node = config.node.name.clone();
         Arc::new(move |image| gate.advert(image, &node))
-    });
+    })
+    .with_cache(coalescer.as_ref().map(|c| c.cache().clone()));
     let mut sync_task = tokio::spawn(advertiser.run(sync_shutdown));
 
     let (http_stop, http_shutdown) = shutdown::channel();

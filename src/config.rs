@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::audit::AuditConfig;
+use crate::cache::CacheConfig;
 use crate::hosts::HostsConfig;
 use crate::policy::PolicyConfig;
 use crate::registry::MirrorConfig;
@@ -38,6 +39,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Multi-tenant protection: pod index, grants, peer authentication.
     pub tenancy: TenancyConfig,
+    /// The own blob cache, upstream fetches and coalescing (`docs/cache.md`).
+    pub cache: CacheConfig,
     pub log: LogConfig,
 }
 
@@ -210,6 +213,7 @@ impl Config {
             "policy" => self.policy = v(value)?,
             "audit" => self.audit = v(value)?,
             "tenancy" => self.tenancy = v(value)?,
+            "cache" => self.cache = v(value)?,
             "log" => self.log = v(value)?,
             other => {
                 return Err(serde::de::Error::custom(format!(
@@ -231,6 +235,9 @@ impl Config {
         errors.extend(self.policy.validate());
         errors.extend(self.audit.validate());
         errors.extend(self.tenancy.validate());
+        if self.cache.enabled {
+            errors.extend(self.cache.validate());
+        }
         if !matches!(self.log.format.as_str(), "json" | "text") {
             errors.push(format!(
                 "log.format must be json or text, got {:?}",

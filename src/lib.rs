@@ -14,6 +14,8 @@
 //! - [`policy`]: the `Policy` seam, Rego bundles (regorus) deciding what may be served peer
 //!   to peer and which tags the cluster resolves; fail closed for P2P, never for the pull.
 //! - [`audit`]: the `AuditSink` seam, one JSON line per request and decision, never blocking.
+//! - [`cache`]: the daemon's own bounded blob cache, anonymous upstream fetches of public
+//!   blobs, and coalescing: one upstream fetch per blob across the cluster (off by default).
 //! - [`hosts`]: rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml`.
 //! - [`config`]: defaults → YAML file → `SPECULUM_*` environment → flags, validated at once.
 //! - [`metrics`]: the daemon's own Prometheus registry (no globals).
@@ -23,6 +25,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod cache;
 pub mod config;
 pub mod hosts;
 pub mod metrics;

@@ -30,6 +30,25 @@ pub enum Source {
     Local,
     /// Another node, through the peer endpoint.
     Peer,
+    /// This node's own blob cache (`src/cache`), complete or in flight.
+    Cache,
+    /// Fetched from upstream by this daemon just now (it won the blob's claim).
+    Upstream,
+    /// Another node's in-flight fetch, followed as it arrives.
+    PeerInflight,
+}
+
+impl Source {
+    /// The audit `served_from` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Peer => "peer",
+            Source::Cache => "cache",
+            Source::Upstream => "upstream",
+            Source::PeerInflight => "peer-inflight",
+        }
+    }
 }
 
 /// Outcome of a mirror request.
@@ -88,6 +107,9 @@ pub struct Metrics {
     pub policy: crate::policy::PolicyMetrics,
     /// Audit lines written and dropped (`speculum_audit_*`).
     pub audit: crate::audit::AuditMetrics,
+    /// Upstream bytes fetched and saved, coalesced followers (`speculum_upstream_*`,
+    /// `speculum_cache_*`).
+    pub cache: crate::cache::coalesce::CacheMetrics,
 }
 
 impl Default for Metrics {
@@ -161,6 +183,7 @@ impl Metrics {
         registry.register("ready", "1 when the daemon reports ready", ready.clone());
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let audit = crate::audit::AuditMetrics::register(&mut registry);
+        let cache = crate::cache::coalesce::CacheMetrics::register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -176,6 +199,7 @@ impl Metrics {
             ready,
             policy,
             audit,
+            cache,
         }
     }
 

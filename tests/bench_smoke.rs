@@ -91,6 +91,7 @@ fn cluster_and_serving_benchmarks_run_small() -> Result<()> {
         ("create", "cache"),
         ("update", "speculum"),
         ("create", "speculum"),
+        ("create", "coalesce"),
     ] {
         let row = rows
             .iter()
@@ -110,6 +111,15 @@ fn cluster_and_serving_benchmarks_run_small() -> Result<()> {
     ensure!(
         update["upstream_layer_gets"] == 0,
         "update through speculum fetched layers from upstream: {update}"
+    );
+    // With the blob cache on, the cold pulls of both nodes cost one upstream GET of the layer.
+    let coalesced = rows
+        .iter()
+        .find(|r| r["scenario"] == "create" && r["mode"] == "coalesce")
+        .context("no create/coalesce row")?;
+    ensure!(
+        coalesced["upstream_layer_gets"] == 1,
+        "coalesced create fetched the layer more than once from upstream: {coalesced}"
     );
 
     run_script(

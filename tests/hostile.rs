@@ -237,6 +237,7 @@ async fn start() -> Rig {
     let app = registry::app(RegistryState {
         store: store.clone(),
         mirror: Some(Arc::new(mirror)),
+        cache: None,
         metrics,
         readiness: Readiness::new(),
         handler: Handler::Mirror,

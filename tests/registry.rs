@@ -47,6 +47,7 @@ async fn good_peer(store: Arc<MemoryStore>) -> SocketAddr {
     spawn(registry::app(RegistryState {
         store,
         mirror: None,
+        cache: None,
         metrics: Metrics::new(),
         readiness: Readiness::new(),
         handler: Handler::Peer,
@@ -138,6 +139,7 @@ async fn mirror_node(peers: HashMap<String, Vec<Peer>>, config: MirrorConfig) ->
     let addr = spawn(registry::app(RegistryState {
         store: store.clone(),
         mirror: Some(Arc::new(mirror)),
+        cache: None,
         metrics: metrics.clone(),
         readiness: Readiness::new(),
         handler: Handler::Mirror,
@@ -682,6 +684,7 @@ mod guarded {
             RegistryState {
                 store,
                 mirror,
+                cache: None,
                 metrics,
                 readiness: Readiness::new(),
                 handler,

@@ -116,6 +116,7 @@ impl World {
             RegistryState {
                 store,
                 mirror: None,
+                cache: None,
                 metrics: Metrics::new(),
                 readiness: Readiness::new(),
                 handler: Handler::Peer,
@@ -166,6 +167,7 @@ impl World {
             RegistryState {
                 store: Arc::new(MemoryStore::new()),
                 mirror: Some(Arc::new(mirror)),
+                cache: None,
                 metrics,
                 readiness: Readiness::new(),
                 handler: Handler::Mirror,

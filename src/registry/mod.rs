@@ -15,6 +15,7 @@
 //! endpoint, `peer` on the peer endpoint or for a hop): a deny, a tag the switches or the
 //! policy will not resolve, or a failed evaluation is a plain 404 — containerd goes upstream.
 
+pub mod cached;
 pub mod error;
 pub mod listen;
 pub mod mirror;
@@ -201,6 +202,9 @@ pub struct RegistryState {
     pub store: Arc<dyn Store>,
     /// `Some` on the mirror endpoint, `None` on the peer endpoint (local content only).
     pub mirror: Option<Arc<Mirror>>,
+    /// The blob cache (`cache.enabled`): served on both endpoints, complete or in flight;
+    /// on the mirror endpoint also the coalesced cold path.
+    pub cache: Option<crate::cache::coalesce::Coalescer>,
     pub metrics: Metrics,
     pub readiness: Readiness,
     pub handler: Handler,
@@ -515,6 +519,14 @@ impl RegistryState {
                     return (e.into_response(), Outcome::Miss);
                 }
             }
+            match cached::from_cache(self, &req, &digest, &log).await {
+                Ok(Some(response)) => return (response, Outcome::Local),
+                Ok(None) => {}
+                Err(e) => {
+                    log.finish(e.status(), 0, "cache");
+                    return (e.into_response(), Outcome::Miss);
+                }
+            }
         }
         if let (Some(mirror), false) = (&self.mirror, req.hop)
             && let Some(key) = req.key()
@@ -527,6 +539,14 @@ impl RegistryState {
                     log.finish(e.status(), 0, "peer");
                     return (e.into_response(), Outcome::Miss);
                 }
+            }
+            // Nobody holds it: fetch it once for the cluster, or follow who does. Public
+            // images only: a blob that needs a grant is never fetched on anyone's behalf.
+            if !decision.require_grant
+                && let Target::Digest(digest) = &req.path.target
+                && let Some(response) = cached::coalesce(self, &req, digest, &log).await
+            {
+                return (response, Outcome::Peer);
             }
         }
         let e = req.not_found();

@@ -150,9 +150,9 @@ impl AccessLog {
             }
             .to_owned(),
             reason: learned.reason,
+            // `upstream` also for a miss: containerd then goes there itself (status 404).
             served_from: match source {
-                "local" => "local",
-                "peer" => "peer",
+                "local" | "peer" | "cache" | "peer-inflight" => source,
                 _ => "upstream",
             }
             .to_owned(),
@@ -204,10 +204,7 @@ impl Counted {
                 source,
             })
             .clone();
-        let source = match source {
-            Source::Local => "local",
-            Source::Peer => "peer",
-        };
+        let source = source.as_str();
         Body::from_stream(Counted {
             inner,
             sent: 0,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Peer, Router};
+use super::{Claim, Peer, Router};
 
 /// One router of a test cluster and the id its peers know it by (`Peer::id`).
 pub struct Node<R> {
@@ -79,6 +79,7 @@ where
 {
     let lone = build(1).await;
     lone_node_is_ready(&timing, &lone).await;
+    lone_node_wins_its_claims(&lone).await;
     drop(lone);
 
     let cluster = build(3).await;
@@ -88,6 +89,8 @@ where
     lookup_excludes_self(&timing, &cluster).await;
     limit_is_respected(&timing, &cluster).await;
     withdraw_is_no_longer_found(&timing, &cluster).await;
+    one_claimant_wins_the_others_follow(&timing, &cluster).await;
+    a_claim_expires_after_its_ttl(&timing, &cluster).await;
 }
 
 /// A key unique to one check, shaped like real keys (digest or tag key).
@@ -292,4 +295,91 @@ async fn withdraw_is_no_longer_found<R: Router>(timing: &Timing, c: &Cluster<R>)
         &[&a.id],
     )
     .await;
+}
+
+async fn claim<R: Router>(router: &R, key: &str, ttl: Duration) -> Claim {
+    match router.claim(key, ttl).await {
+        Ok(c) => c,
+        Err(e) => panic!("claim({key}) failed: {e}"),
+    }
+}
+
+async fn lone_node_wins_its_claims<R: Router>(lone: &Cluster<R>) {
+    let Some(node) = lone.nodes.first() else {
+        panic!("build(1) returned no router");
+    };
+    let k = key(20, 0);
+    for round in 0..2 {
+        assert_eq!(
+            claim(&node.router, &k, Duration::from_secs(60)).await,
+            Claim::Won,
+            "a lone node coordinates and wins its own claims (round {round})"
+        );
+    }
+}
+
+/// Three nodes claim one key at the same moment: exactly one wins, the others are told to
+/// follow it (by its id), and asking again changes nothing. Views of the cluster may still be
+/// converging right after start, so fresh keys are tried until the answer is consistent,
+/// within `settle`.
+async fn one_claimant_wins_the_others_follow<R: Router>(timing: &Timing, c: &Cluster<R>) {
+    let deadline = Instant::now() + timing.settle;
+    let ttl = Duration::from_secs(60);
+    for attempt in 0u8.. {
+        let k = key(21, attempt.wrapping_mul(2));
+        let claims =
+            futures::future::join_all(c.nodes.iter().map(|n| claim(&n.router, &k, ttl))).await;
+        let winners: Vec<usize> = (0..claims.len())
+            .filter(|i| claims[*i] == Claim::Won)
+            .collect();
+        let consistent = winners.len() == 1
+            && claims.iter().all(|cl| match cl {
+                Claim::Won => true,
+                Claim::Follow(p) => p.id == c.nodes[winners[0]].id,
+            });
+        if consistent {
+            let w = winners[0];
+            for (i, n) in c.nodes.iter().enumerate() {
+                let again = claim(&n.router, &k, ttl).await;
+                let want_won = i == w;
+                assert_eq!(
+                    again == Claim::Won,
+                    want_won,
+                    "claims must be stable: node {i} got {again:?} on asking again, winner {w}"
+                );
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "claims never converged to one winner within {:?}: last {claims:?}",
+            timing.settle
+        );
+        tokio::time::sleep(timing.poll).await;
+    }
+}
+
+/// A claim held for a short TTL lets another node win once it has expired.
+async fn a_claim_expires_after_its_ttl<R: Router>(timing: &Timing, c: &Cluster<R>) {
+    let [a, b] = [&c.nodes[0], &c.nodes[1]];
+    let k = key(22, 0);
+    let short = Duration::from_millis(300);
+    assert_eq!(
+        claim(&a.router, &k, short).await,
+        Claim::Won,
+        "first claim wins"
+    );
+    let deadline = Instant::now() + timing.settle;
+    loop {
+        match claim(&b.router, &k, Duration::from_secs(60)).await {
+            Claim::Won => return,
+            Claim::Follow(p) => assert_eq!(p.id, a.id, "b must follow a while a's claim holds"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a's claim with a {short:?} ttl still holds after {:?}",
+            timing.settle
+        );
+        tokio::time::sleep(timing.poll.max(Duration::from_millis(50))).await;
+    }
 }

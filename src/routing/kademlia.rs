@@ -55,12 +55,15 @@ use tracing::{debug, info, warn};
 
 use super::bootstrap::{self, BootstrapConfig, Schedule, Target};
 use super::psk::{self, PreSharedKey, PskError};
+use super::claim::{self, Claim, ClaimTable};
 use super::{Peer, Router, RouterError};
 
 /// Kademlia protocol id: our own, so speculum never joins another libp2p DHT by accident.
 pub const KAD_PROTOCOL: &str = "/speculum/kad/1.0.0";
 /// The "do you still hold this key?" protocol.
 pub const HAS_PROTOCOL: &str = "/speculum/has/1.0.0";
+/// The "who fetches this key from upstream?" protocol (see [`super::claim`]).
+pub const CLAIM_PROTOCOL: &str = "/speculum/claim/1.0.0";
 const IDENTIFY_PROTOCOL: &str = "/speculum/id/1.0.0";
 /// File name of the node's ed25519 key inside `data_dir`.
 pub const IDENTITY_FILE: &str = "identity.key";
@@ -352,12 +355,28 @@ struct HasResponse {
     has: bool,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+struct ClaimRequest {
+    key: String,
+    ttl_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ClaimResponse {
+    /// Peer id of the node that fetches the key.
+    winner: String,
+    /// The coordinator's view of the winner's IP, for a claimant that does not know it.
+    #[serde(default)]
+    ip: Option<IpAddr>,
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     has: request_response::json::Behaviour<HasRequest, HasResponse>,
+    claim: request_response::json::Behaviour<ClaimRequest, ClaimResponse>,
 }
 
 impl Behaviour {
@@ -407,11 +426,19 @@ impl Behaviour {
             [(StreamProtocol::new(HAS_PROTOCOL), ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(config.verify_timeout),
         );
+        let claim = request_response::json::Behaviour::with_codec(
+            request_response::json::codec::Codec::default()
+                .set_request_size_maximum(8 * 1024)
+                .set_response_size_maximum(1024),
+            [(StreamProtocol::new(CLAIM_PROTOCOL), ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(config.verify_timeout),
+        );
         Behaviour {
             kad,
             identify,
             ping,
             has,
+            claim,
         }
     }
 }
@@ -475,6 +502,11 @@ enum Command {
     },
     Advertise(Vec<String>),
     Withdraw(Vec<String>),
+    Claim {
+        key: String,
+        ttl: Duration,
+        tx: tokio::sync::oneshot::Sender<Result<Claim, RouterError>>,
+    },
 }
 
 /// Handle to the Kademlia swarm task. Cheap to clone.
@@ -679,6 +711,17 @@ impl Router for KademliaRouter {
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError> {
         self.send(Command::Withdraw(keys)).await
     }
+
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim, RouterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Command::Claim {
+            key: key.to_owned(),
+            ttl,
+            tx,
+        })
+        .await?;
+        rx.await.map_err(|_| RouterError::Closed)?
+    }
 }
 
 /// One open connection.
@@ -739,6 +782,11 @@ struct Node {
     unreachable: HashMap<PeerId, Instant>,
     routing_table_empty: bool,
 
+    /// Claims on keys this node coordinates.
+    claims: ClaimTable,
+    /// Our claims sent to a coordinator, awaiting its answer.
+    claiming: HashMap<OutboundRequestId, tokio::sync::oneshot::Sender<Result<Claim, RouterError>>>,
+
     schedule: Schedule,
     resolving: bool,
     lost_all_peers: bool,
@@ -778,6 +826,8 @@ impl Node {
             given: HashMap::new(),
             unreachable: HashMap::new(),
             routing_table_empty: true,
+            claims: ClaimTable::new(),
+            claiming: HashMap::new(),
             resolving: false,
             lost_all_peers: false,
             resolved_tx,
@@ -836,6 +886,7 @@ impl Node {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Lookup { key, limit, tx } => self.start_lookup(key, limit, tx),
+            Command::Claim { key, ttl, tx } => self.start_claim(key, ttl, tx),
             Command::Advertise(keys) => {
                 for key in keys {
                     if self.advertised.insert(key.clone()) {
@@ -1140,6 +1191,162 @@ impl Node {
         choose_ip(dialled, source, &listen)
     }
 
+    // ----- claims (who fetches a key from upstream) -----
+
+    /// Every speculum node we know of, ourselves included: the routing table plus the peers
+    /// identify told us about.
+    fn known_nodes(&mut self) -> Vec<PeerId> {
+        let mut ids: HashSet<PeerId> = self.peer_addrs.keys().copied().collect();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                ids.insert(*entry.node.key.preimage());
+            }
+        }
+        ids.insert(self.shared.peer_id);
+        ids.into_iter().collect()
+    }
+
+    fn start_claim(
+        &mut self,
+        key: String,
+        ttl: Duration,
+        tx: tokio::sync::oneshot::Sender<Result<Claim, RouterError>>,
+    ) {
+        let me = self.shared.peer_id;
+        let nodes: Vec<String> = self.known_nodes().iter().map(|p| p.to_string()).collect();
+        let coordinator = claim::coordinator(&key, nodes.iter().map(String::as_str))
+            .and_then(|c| c.parse::<PeerId>().ok())
+            .unwrap_or(me);
+        if coordinator == me {
+            let winner = self
+                .claims
+                .decide(&key, &me.to_string(), ttl, std::time::Instant::now());
+            let answer = self.claim_answer(&winner, None);
+            let _ = tx.send(answer);
+            return;
+        }
+        debug!(peer.id = %coordinator, key = %key, "asking the coordinator who fetches");
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let req = self
+            .swarm
+            .behaviour_mut()
+            .claim
+            .send_request(&coordinator, ClaimRequest { key, ttl_ms });
+        self.claiming.insert(req, tx);
+    }
+
+    /// Turns a winner's id into the answer for this node.
+    fn claim_answer(&mut self, winner: &str, hint: Option<IpAddr>) -> Result<Claim, RouterError> {
+        let me = self.shared.peer_id;
+        let peer: PeerId = winner.parse().map_err(|_| {
+            RouterError::Failed(format!("coordinator named a bad peer id {winner:?}"))
+        })?;
+        if peer == me {
+            return Ok(Claim::Won);
+        }
+        let ip = self
+            .known_ip(&peer)
+            .or(hint)
+            .ok_or_else(|| RouterError::Failed(format!("no address known for winner {peer}")))?;
+        Ok(Claim::Follow(Peer {
+            id: peer.to_string(),
+            addr: SocketAddr::new(ip, self.config.registry_port),
+        }))
+    }
+
+    /// The IP we reach `peer`'s registry endpoint at, from its connections, what identify
+    /// told us or, failing those, the routing table.
+    fn known_ip(&mut self, peer: &PeerId) -> Option<IpAddr> {
+        let of_peer = || self.conns.values().filter(|c| c.peer == *peer);
+        let dialled = of_peer().filter(|c| c.dialled).find_map(|c| c.ip);
+        let source = of_peer().find_map(|c| c.ip);
+        let listen: Vec<IpAddr> = self
+            .peer_addrs
+            .get(peer)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|a| ip_tcp(a).map(|(ip, _)| ip))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(ip) = choose_ip(dialled, source, &listen) {
+            return Some(ip);
+        }
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                if entry.node.key.preimage() == peer {
+                    return entry
+                        .node
+                        .value
+                        .iter()
+                        .find_map(|a| ip_tcp(a).map(|(ip, _)| ip));
+                }
+            }
+        }
+        None
+    }
+
+    fn on_claim_event(&mut self, event: request_response::Event<ClaimRequest, ClaimResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let ttl = Duration::from_millis(request.ttl_ms);
+                let winner = self.claims.decide(
+                    &request.key,
+                    &peer.to_string(),
+                    ttl,
+                    std::time::Instant::now(),
+                );
+                let ip = winner
+                    .parse::<PeerId>()
+                    .ok()
+                    .filter(|w| *w != self.shared.peer_id)
+                    .and_then(|w| self.known_ip(&w));
+                debug!(peer.id = %peer, key = %request.key, winner = %winner, "claim decided");
+                // Fails only when the asker is gone already.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .claim
+                    .send_response(channel, ClaimResponse { winner, ip });
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tx) = self.claiming.remove(&request_id) {
+                    let answer = self.claim_answer(&response.winner, response.ip);
+                    let _ = tx.send(answer);
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                debug!(peer.id = %peer, error = %error, "coordinator did not answer claim");
+                if let Some(tx) = self.claiming.remove(&request_id) {
+                    let _ = tx.send(Err(RouterError::Failed(format!(
+                        "coordinator {peer} did not answer: {error}"
+                    ))));
+                }
+            }
+            Event::InboundFailure { .. } | Event::ResponseSent { .. } => {}
+        }
+    }
+
     // ----- swarm events -----
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -1148,6 +1355,7 @@ impl Node {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.on_identify_event(e),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.on_ping_event(e),
             SwarmEvent::Behaviour(BehaviourEvent::Has(e)) => self.on_has_event(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Claim(e)) => self.on_claim_event(e),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,

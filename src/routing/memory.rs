@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+use super::claim::{self, Claim, ClaimTable};
 use super::{Peer, Router, RouterError};
 
 /// The shared "DHT" of a set of [`MemoryRouter`]s. Cheap to clone; clones share state.
@@ -34,6 +35,8 @@ struct Net {
     nodes: HashMap<String, Node>,
     /// Key → ids of the nodes holding it, in the order they first advertised it.
     providers: HashMap<String, Vec<String>>,
+    /// Each node's claim table, for the keys it coordinates.
+    claims: HashMap<String, ClaimTable>,
 }
 
 struct Node {
@@ -246,6 +249,43 @@ impl Router for MemoryRouter {
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError> {
         self.network.withdraw_as(&self.me.id, keys);
         Ok(())
+    }
+
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim, RouterError> {
+        self.network.claim(&self.me.id, key, ttl)
+    }
+}
+
+impl MemoryNetwork {
+    /// `me` claims `key` at the coordinator among the live nodes, as the real router does.
+    fn claim(&self, me: &str, key: &str, ttl: Duration) -> Result<Claim, RouterError> {
+        let mut net = self.lock();
+        let alive: Vec<String> = net
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.alive)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let coordinator = claim::coordinator(key, alive.iter().map(String::as_str))
+            .map(str::to_owned)
+            .ok_or_else(|| RouterError::Failed("no live node to coordinate".to_owned()))?;
+        let winner = net.claims.entry(coordinator).or_default().decide(
+            key,
+            me,
+            ttl,
+            std::time::Instant::now(),
+        );
+        if winner == me {
+            return Ok(Claim::Won);
+        }
+        let node = net
+            .nodes
+            .get(&winner)
+            .ok_or_else(|| RouterError::Failed(format!("winner {winner} unknown")))?;
+        Ok(Claim::Follow(Peer {
+            id: winner.clone(),
+            addr: node.addr,
+        }))
     }
 }
 

@@ -7,6 +7,7 @@
 //! network's pre-shared key.
 
 pub mod bootstrap;
+pub mod claim;
 pub mod conformance;
 pub mod kademlia;
 pub mod memory;
@@ -14,9 +15,12 @@ pub mod psk;
 pub mod sync;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
+
+pub use claim::Claim;
 
 /// Another node that holds a key, and where its registry endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -53,4 +57,9 @@ pub trait Router: Send + Sync + 'static {
 
     /// Stops announcing `keys`. Idempotent.
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;
+
+    /// Asks `key`'s coordinator (see [`claim`]) who fetches it from upstream: the first
+    /// claimant wins for `ttl`, later ones are told to follow it. An error (coordinator
+    /// unreachable) means "fetch it yourself": coalescing never fails a pull.
+    async fn claim(&self, key: &str, ttl: Duration) -> Result<Claim, RouterError>;
 }

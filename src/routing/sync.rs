@@ -7,6 +7,11 @@
 //! withdraws the difference. A store that cannot be read keeps the current set: a containerd
 //! restart must not make the node vanish from the cluster. On shutdown everything is
 //! withdrawn.
+//!
+//! With the blob cache on (`src/cache`), its complete entries are wanted too (also right after
+//! a restart: the cache rebuilds its index from disk); the loop reconciles whenever the cache's
+//! complete set changes, so evicted blobs are withdrawn. In-flight blobs are advertised by the
+//! coalescer itself, at once.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use super::Router;
+use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
@@ -80,6 +86,7 @@ pub struct Advertiser {
     metrics: Metrics,
     readiness: Readiness,
     advertised: BTreeSet<String>,
+    cache: Option<Arc<Cache>>,
 }
 
 const READINESS_PART: &str = "store";
@@ -104,7 +111,14 @@ impl Advertiser {
             metrics,
             readiness,
             advertised: BTreeSet::new(),
+            cache: None,
         }
+    }
+
+    /// Also advertises the complete blobs of this node's own cache.
+    pub fn with_cache(mut self, cache: Option<Arc<Cache>>) -> Advertiser {
+        self.cache = cache;
+        self
     }
 
     /// Only images the filter accepts are advertised (what may not be served is not
@@ -138,6 +152,7 @@ impl Advertiser {
         let mut events: Option<BoxStream<'static, StoreEvent>> = None;
         let mut backoff = Backoff::new();
         let mut dirty = true;
+        let mut cache_changes = self.cache.as_ref().map(|c| c.changes());
         let stop = shutdown.clone().wait();
         tokio::pin!(stop);
         loop {
@@ -162,6 +177,15 @@ impl Advertiser {
                 _ = &mut stop => break,
                 _ = ticker.tick() => dirty = true,
                 _ = backoff.sleep(), if events.is_none() => {}
+                changed = cache_changed(&mut cache_changes) => {
+                    if changed {
+                        // Batch a burst of completions into one reconcile.
+                        tokio::time::sleep(self.config.debounce).await;
+                        dirty = true;
+                    } else {
+                        cache_changes = None;
+                    }
+                }
                 event = next(&mut events) => match event {
                     Some(event) => {
                         tracing::debug!(?event, "store event");
@@ -242,6 +266,11 @@ impl Advertiser {
             }
             wanted.extend(digests.iter().map(ToString::to_string));
         }
+        if let Some(cache) = &self.cache {
+            // Public blobs only ever enter the cache (policy is checked before a fetch).
+            cache.take_events();
+            wanted.extend(cache.complete().iter().map(ToString::to_string));
+        }
         Ok(wanted)
     }
 
@@ -263,6 +292,15 @@ impl Advertiser {
 async fn next(events: &mut Option<BoxStream<'static, StoreEvent>>) -> Option<StoreEvent> {
     match events {
         Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the cache's complete set to change; `false` once the cache is gone, pending
+/// forever without a cache (so `select!` ignores it).
+async fn cache_changed(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }

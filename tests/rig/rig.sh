@@ -517,6 +517,15 @@ write_speculum_config() {
 		audit:
 		  file: "$d/audit.jsonl"
 	EOF
+	# RIG_CACHE=1: the own blob cache with upstream fetches and coalescing (docs/cache.md).
+	if [[ ${RIG_CACHE:-0} == 1 ]]; then
+		cat >>"$d/speculum.yaml" <<-EOF
+			cache:
+			  enabled: true
+			  dir: "$d/cache"
+			  plain_http: ["$(upstream_host)"]
+		EOF
+	fi
 }
 
 require_speculum() { [[ -x $SPECULUM_BIN ]] || die "no daemon binary at $SPECULUM_BIN (cargo build first, or set SPECULUM_BIN)"; }

@@ -55,6 +55,7 @@ async fn registry_down_resolves_through_a_speculum_daemon() {
     let state = RegistryState {
         store,
         mirror: None,
+        cache: None,
         metrics: DaemonMetrics::new(),
         readiness: Readiness::new(),
         handler: Handler::Mirror,
