@@ -54,8 +54,8 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
 use super::bootstrap::{self, BootstrapConfig, Schedule, Target};
-use super::psk::{self, PreSharedKey, PskError};
 use super::claim::{self, Claim, ClaimTable};
+use super::psk::{self, PreSharedKey, PskError};
 use super::{Peer, Router, RouterError};
 
 /// Kademlia protocol id: our own, so speculum never joins another libp2p DHT by accident.

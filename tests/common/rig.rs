@@ -48,6 +48,12 @@ impl Rig {
     /// Brings the rig up and pushes `images` (all when empty), or returns `None` after printing
     /// why the test is skipped.
     pub fn start(test: &str, images: &[&str]) -> Result<Option<Rig>> {
+        Rig::start_with(test, images, &[])
+    }
+
+    /// [`Rig::start`] with extra rig environment from the start (`RIG_NODES`, `RIG_CACHE`, …),
+    /// so that `rig.sh up` already sees it.
+    pub fn start_with(test: &str, images: &[&str], env: &[(&str, &str)]) -> Result<Option<Rig>> {
         if std::env::var("SPECULUM_SKIP_RIG").as_deref() == Ok("1") {
             skip(test, "SPECULUM_SKIP_RIG=1");
             return Ok(None);
@@ -75,7 +81,11 @@ impl Rig {
             started: Instant::now(),
             _serial: serial,
             _machine: machine,
-            extra_env: std::cell::RefCell::new(Vec::new()),
+            extra_env: std::cell::RefCell::new(
+                env.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
         };
         rig.step(&format!("{test}: rig up"));
         rig.run(Command::new("bash").arg(&rig.script).arg("up"))?;

@@ -245,7 +245,14 @@ async fn a_dead_coordinator_means_fetch_it_yourself() {
     network.kill("node-0");
     let body = lone
         .coalescer
-        .fetch(&up_addr.to_string(), REPO, &digest, None, "/unused", &http::HeaderMap::new())
+        .fetch(
+            &up_addr.to_string(),
+            REPO,
+            &digest,
+            None,
+            "/unused",
+            &http::HeaderMap::new(),
+        )
         .await
         .unwrap_or_else(|| panic!("no body without a coordinator"));
     assert_eq!(body.origin, Origin::Upstream);
