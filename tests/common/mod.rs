@@ -4,4 +4,5 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod helm;
 pub mod k8s;
