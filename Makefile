@@ -112,5 +112,5 @@ k8s-binaries: setup
 e2e: k8s-binaries
 	cargo test --test k8s_control_plane
 	cargo test -p speculum-webhook --test e2e_kube
-	cargo test --test chart manifests_apply
+	cargo test --test chart
 	cargo test -p speculum-webhook --test chart e2e

@@ -3,7 +3,8 @@
 //! config validated by the real `speculum config --config FILE` (a renamed key fails it), the
 //! init container's and the post-delete hook's arguments run as real `speculum configure` /
 //! `speculum cleanup` invocations, the policy ConfigMap run through `speculum policy test`, and
-//! every rendered manifest applied with server-side dry run to a real kube-apiserver.
+//! every rendered manifest applied with server-side dry run to a real kube-apiserver, and an
+//! install + upgrade there keeping the generated Secrets (`lookup`).
 //!
 //! helm comes from `scripts/setup.sh` (pinned, Go module proxy); without it the tests skip
 //! with a message, except under `CI=true`. The webhook half (its config validated by the
@@ -680,4 +681,129 @@ async fn manifests_apply_to_a_real_api_server_with_dry_run() {
         applied.len()
     );
     assert!(applied.len() >= 25, "{applied:?}");
+}
+
+/// `helm install` then `helm upgrade` against a real API server: the generated Secrets and what
+/// the webhook wrote (its certificate, the published grant keys) survive the upgrade, because
+/// the chart reads them back with `lookup`. (No controllers run here, so no pod starts;
+/// uninstall is `--no-hooks`, the hook's arguments are tested above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_generated_secrets_and_published_keys() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Api, Patch, PatchParams};
+    if common::k8s::skip() {
+        return;
+    }
+    let Some(h) = helm::helm() else { return };
+    let cp = common::k8s::ControlPlane::start().await;
+    let client = cp.client().await;
+    common::k8s::namespace(&client, helm::NAMESPACE, &[]).await;
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    let helm_cmd = |verb: &str| -> Vec<String> {
+        [
+            verb,
+            helm::RELEASE,
+            &helm::chart_dir().display().to_string(),
+            "--namespace",
+            helm::NAMESPACE,
+            "--kubeconfig",
+            &kubeconfig,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    helm::run(&h, &helm_cmd("install")).expect("helm install");
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), helm::NAMESPACE);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), helm::NAMESPACE);
+    let data = |s: &Secret, k: &str| -> Vec<u8> {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| b.0.clone())
+            .unwrap_or_default()
+    };
+    let psk = data(&secrets.get(&name("psk")).await.expect("psk"), "swarm.key");
+    let psk_text = String::from_utf8(psk.clone()).expect("utf-8");
+    let lines: Vec<&str> = psk_text.lines().collect();
+    assert_eq!(
+        lines[..2],
+        ["/key/swarm/psk/1.0.0/", "/base16/"],
+        "{psk_text}"
+    );
+    assert!(
+        lines[2].len() == 64 && lines[2].chars().all(|c| c.is_ascii_hexdigit()),
+        "{psk_text}"
+    );
+    let grant_key = data(
+        &secrets.get(&name("grant-key")).await.expect("grant key"),
+        "grant.key",
+    );
+    assert!(
+        String::from_utf8_lossy(&grant_key).contains("PRIVATE KEY"),
+        "PEM private key"
+    );
+    // What the webhook does at run time: fill its certificate, publish its public key.
+    let pp = PatchParams::default();
+    secrets
+        .patch(
+            &name("webhook-tls"),
+            &pp,
+            &Patch::Merge(serde_json::json!({
+                "metadata": {"annotations": {"speculum.io/not-after": "4102444800"}},
+                "stringData": {"tls.crt": "CERT", "tls.key": "KEY"}})),
+        )
+        .await
+        .expect("fill the certificate");
+    config_maps
+        .patch(
+            &name("grant-keys"),
+            &pp,
+            &Patch::Merge(serde_json::json!({"data": {"webhook.pem": "PUBLIC"}})),
+        )
+        .await
+        .expect("publish a key");
+
+    helm::run(&h, &helm_cmd("upgrade")).expect("helm upgrade");
+    assert_eq!(
+        data(&secrets.get(&name("psk")).await.expect("psk"), "swarm.key"),
+        psk,
+        "PSK kept"
+    );
+    assert_eq!(
+        data(
+            &secrets.get(&name("grant-key")).await.expect("grant key"),
+            "grant.key"
+        ),
+        grant_key,
+        "grant key kept"
+    );
+    let tls = secrets.get(&name("webhook-tls")).await.expect("tls");
+    assert_eq!(data(&tls, "tls.crt"), b"CERT", "certificate kept");
+    assert_eq!(
+        tls.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("speculum.io/not-after"))
+            .map(String::as_str),
+        Some("4102444800"),
+        "its expiry annotation kept"
+    );
+    let keys = config_maps
+        .get(&name("grant-keys"))
+        .await
+        .expect("grant keys");
+    assert_eq!(
+        keys.data
+            .as_ref()
+            .and_then(|d| d.get("webhook.pem"))
+            .map(String::as_str),
+        Some("PUBLIC"),
+        "published keys kept"
+    );
+    let mut uninstall = helm_cmd("uninstall");
+    uninstall.remove(2); // no chart argument
+    uninstall.push("--no-hooks".into());
+    helm::run(&h, &uninstall).expect("helm uninstall");
 }
