@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 export SPECULUM_BIN ?= $(CARGO_TARGET_DIR)/debug/speculum
 
-.PHONY: setup build demo test unit rig-down fmt lint
+.PHONY: setup build demo test unit chart rig-down fmt lint
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,12 @@ demo: build
 # SPECULUM_REQUIRE_OPA=1: setup installed OPA, so the bundles must pass real OPA too.
 test: build e2e
 	SPECULUM_SKIP_K8S=1 SPECULUM_REQUIRE_OPA=1 cargo test --workspace --no-fail-fast
+
+## chart: the Helm chart: lint --strict, template matrix checked against the real binaries,
+## hook args run for real, manifests dry-run applied to the E2E kube-apiserver (tests/chart.rs).
+chart: setup
+	cargo test --test chart
+	cargo test -p speculum-webhook --test chart
 
 ## unit: the fast tests only (no root, no containerd).
 unit:
@@ -106,3 +112,5 @@ k8s-binaries: setup
 e2e: k8s-binaries
 	cargo test --test k8s_control_plane
 	cargo test -p speculum-webhook --test e2e_kube
+	cargo test --test chart
+	cargo test -p speculum-webhook --test chart e2e

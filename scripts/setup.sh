@@ -25,6 +25,8 @@ APT_PACKAGES=(
 GO_TOOLS=(
   # tests/policy_opa.rs runs every shipped bundle's tests with real OPA too (a plain OPA bundle)
   "opa github.com/open-policy-agent/opa@v1.22.2"
+  # tests/chart.rs: helm lint/template of chart/ (found the same way: $HELM, PATH, GOPATH/bin)
+  "helm helm.sh/helm/v3/cmd/helm@v3.16.3"
 )
 
 need_root() {

@@ -4,5 +4,6 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod helm;
 pub mod k8s;
 pub mod rig;

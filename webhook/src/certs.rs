@@ -289,8 +289,10 @@ impl WebhookConfig {
 pub fn webhook_configuration(cfg: &WebhookConfig, ca_bundle_pem: &str) -> Value {
     use base64::Engine as _;
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_bundle_pem);
+    // Never our own namespace (a webhook pod waiting on itself) nor kube-system (the control
+    // plane's own pods must not depend on us); the chart renders the same selector.
     let mut exprs = vec![
-        json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [cfg.service_namespace]}),
+        json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [cfg.service_namespace, "kube-system"]}),
     ];
     if !cfg.opt_out_label.is_empty() {
         exprs.push(json!({"key": cfg.opt_out_label, "operator": "NotIn", "values": ["disabled"]}));

@@ -1,4 +1,5 @@
-//! `speculum-webhook`: flags → config → telemetry → serve (or the offline `pin` command).
+//! `speculum-webhook`: flags → config → telemetry → serve (or the offline `pin` command,
+//! `config` to validate a config file, `configuration` to print the webhook configuration).
 //!
 //! The composition root: it builds the seams (resolver, policy, credentials, audit, metrics,
 //! certificates), binds the ports only after the config validated, and `select!`s over the
@@ -52,6 +53,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Load and validate the configuration (every problem at once, exit status 1), then print
+    /// the effective settings. For CI and the chart's tests: a renamed key fails here.
+    Config,
     /// Print the MutatingWebhookConfiguration (JSON) for a CA bundle file.
     Configuration {
         #[arg(long)]
@@ -90,6 +94,13 @@ fn main() -> anyhow::Result<()> {
                 key.display(),
                 public.display()
             );
+            Ok(())
+        }
+        // `Config::load` above already failed with every problem; here it is known good.
+        // Debug, not YAML: the sections need not be serialisable, and none holds a secret
+        // (key material is only ever referenced by path).
+        Command::Config => {
+            println!("{cfg:#?}");
             Ok(())
         }
         Command::Configuration { ca_file } => {
