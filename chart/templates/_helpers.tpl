@@ -174,7 +174,7 @@ features that are switched off are left out entirely.
   "policy" $policy
 }}
 {{- if include "speculum.grantsEnabled" . }}
-{{- $_ := set $cfg "grants" (dict "signingKeyFile" $p.grantKey "ttl" $w.grants.ttl "audience" .Values.tenancy.grants.audience "mirrorPolicyDir" $p.policy "publishConfigmap" (printf "%s/%s-grant-keys" .Release.Namespace $full)) }}
+{{- $_ := set $cfg "grants" (dict "signingKeyFile" $p.grantKey "ttl" $w.grants.ttl "audience" .Values.tenancy.grants.audience "mirrorPolicyDir" $p.policy "publishConfigMap" (printf "%s/%s-grant-keys" .Release.Namespace $full)) }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}

@@ -30,24 +30,25 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_speculum-webhook");
 
-/// The grants section is being added by other work; until the binary knows it, the chart's
-/// grants are switched off for validation.
-fn grants_off() -> Vec<String> {
-    let out = Command::new(BIN).arg("config").output().expect("config");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+/// The chart's webhook config with its grant files (mounted from a Secret and the policy
+/// ConfigMap in a cluster) replaced by local ones, after checking the chart points at the
+/// mounts: the binary reads both when it validates.
+fn local_grants(config: &str, dir: &Path) -> String {
+    let mut cfg: Value = yaml_serde::from_str(config).expect("config yaml");
+    let grants = &mut cfg["grants"];
+    assert_eq!(
+        grants["signingKeyFile"],
+        json!("/etc/speculum-webhook/grant-key/grant.key"),
+        "the chart mounts the grant key Secret there"
     );
-    if String::from_utf8_lossy(&out.stdout).contains("grants:") {
-        eprintln!("chart: grants keys validated by the binary");
-        vec![]
-    } else {
-        eprintln!(
-            "chart: the webhook does not know grants yet; validated with webhook.grants.enabled=false"
-        );
-        vec!["--set".into(), "webhook.grants.enabled=false".into()]
-    }
+    assert_eq!(grants["mirrorPolicyDir"], json!("/etc/speculum/policy"));
+    let (private, _) = speculum_grant::generate();
+    let key = dir.join("grant.key");
+    std::fs::write(&key, private).expect("write key");
+    grants["signingKeyFile"] = json!(key);
+    grants["mirrorPolicyDir"] =
+        json!(Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/private-grant"));
+    yaml_serde::to_string(&cfg).expect("yaml")
 }
 
 fn webhook_config(objects: &[Value]) -> String {
@@ -105,11 +106,15 @@ fn rendered_webhook_config_is_valid_and_the_configuration_matches_the_binary() {
         ),
     ];
     for (case, values, want) in cases {
-        let mut values = values.clone();
-        values.extend(grants_off());
         let objects = helm::template(&h, &values).unwrap_or_else(|e| panic!("{case}: {e}"));
         let path = dir.path().join("config.yaml");
-        std::fs::write(&path, webhook_config(&objects)).expect("write");
+        let config = webhook_config(&objects);
+        let config = if values.iter().any(|v| v == "tenancy.enabled=false") {
+            config
+        } else {
+            local_grants(&config, dir.path())
+        };
+        std::fs::write(&path, config).expect("write");
         let printed = check(&path).unwrap_or_else(|e| panic!("{case}: {e}"));
         assert!(printed.contains(want), "{case}: {want} not in\n{printed}");
 
@@ -171,7 +176,7 @@ async fn e2e_chart_webhook_configuration_pins_pods_in_opted_in_namespaces() {
         return;
     }
     let Some(h) = helm::helm() else { return };
-    let objects = helm::template(&h, &grants_off()).expect("template");
+    let objects = helm::template(&h, &[]).expect("template");
     let registry = Registry::start(Auth::None);
     let digest = registry.push_image("e2e/app", "v1", "amd64", "chart").await;
     let image = format!("{}/e2e/app:v1", registry.host());
@@ -202,7 +207,8 @@ async fn e2e_chart_webhook_configuration_pins_pods_in_opted_in_namespaces() {
         write("tls.key", &bundle.key_pem),
     );
     let port = free_port();
-    let mut cfg: Value = yaml_serde::from_str(&webhook_config(&objects)).expect("config yaml");
+    let mut cfg: Value = yaml_serde::from_str(&local_grants(&webhook_config(&objects), dir.path()))
+        .expect("config yaml");
     cfg["listen"] = json!(format!("127.0.0.1:{port}"));
     cfg["metricsListen"] = json!(format!("127.0.0.1:{}", free_port()));
     cfg["tls"] = json!({"mode": "files", "certFile": cert, "keyFile": key});

@@ -1,7 +1,9 @@
 # Example: images under the prefixes in data.json (`private.prefixes`, matched against
 # `registry/repository`) are private: the decision says `require_grant`, and they are served
-# peer to peer only with a grant naming the repository (`input.grant`, filled by the tenancy
-# work; until then private images always come from the registry, with the pod's credentials).
+# peer to peer only with a grant for the repository. The daemon checks the grant itself
+# (signature, expiry, namespace, pod, node, manifest closure — docs/tenancy.md) and asks again
+# with `input.grant` = the grant that passed; without one, containerd goes to the registry with
+# the pod's own credentials.
 package speculum.mirror
 
 default allow := true
@@ -19,7 +21,7 @@ private if {
 	startswith(name, prefix)
 }
 
-granted if input.image.repository in input.grant.repositories
+granted if input.grant.repository == name
 
 require_grant if private
 

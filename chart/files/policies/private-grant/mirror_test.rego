@@ -18,12 +18,12 @@ test_private_without_grant_is_denied if {
 }
 
 test_private_with_grant_is_served if {
-	d := mirror.decision with input as {"image": private_image, "grant": {"repositories": ["acme-internal/billing"]}}
+	d := mirror.decision with input as {"image": private_image, "grant": {"namespace": "billing", "pod": "api-1", "repository": "ghcr.io/acme-internal/billing", "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "expires": 1}}
 	d.allow
 	d.require_grant
 }
 
 test_grant_for_another_repository_is_denied if {
-	d := mirror.decision with input as {"image": private_image, "grant": {"repositories": ["acme-internal/other"]}}
+	d := mirror.decision with input as {"image": private_image, "grant": {"namespace": "billing", "pod": "api-1", "repository": "ghcr.io/acme-internal/other", "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "expires": 1}}
 	not d.allow
 }
