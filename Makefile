@@ -111,6 +111,7 @@ k8s-binaries: setup
 ## credentials and certificates, projected tokens and JWKS. About 1 min once the binaries are cached.
 e2e: k8s-binaries
 	cargo test --test k8s_control_plane
+	cargo test --test tenancy_kube
 	cargo test -p speculum-webhook --test e2e_kube
 	cargo test --test chart
 	cargo test -p speculum-webhook --test chart e2e
