@@ -81,8 +81,15 @@ fn example_bundles_decision_table() {
         i.namespaces = ns.iter().map(|s| (*s).to_owned()).collect();
         i
     };
+    // The grant that passed the daemon's checks, as the policy sees it (docs/tenancy.md).
     let with_grant = |mut i: speculum::policy::Input, repo: &str| {
-        i.grant = Some(serde_json::json!({ "repositories": [repo] }));
+        i.grant = Some(serde_json::json!({
+            "namespace": "billing",
+            "pod": "api-1",
+            "repository": repo,
+            "digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "expires": 1,
+        }));
         i
     };
     let on = Switches::default();
@@ -213,7 +220,7 @@ fn example_bundles_decision_table() {
             on,
             with_grant(
                 input("ghcr.io", "acme-internal/billing", Some("v3"), None),
-                "acme-internal/billing",
+                "ghcr.io/acme-internal/billing",
             ),
             true,
         ),
@@ -223,7 +230,7 @@ fn example_bundles_decision_table() {
             on,
             with_grant(
                 input("ghcr.io", "acme-internal/billing", Some("v3"), None),
-                "acme-internal/x",
+                "ghcr.io/acme-internal/x",
             ),
             false,
         ),
