@@ -113,8 +113,13 @@ fn pulls_survive_the_fetching_node_dying_mid_blob() -> Result<()> {
         .context("the big image has no layers")?
         .clone();
     rig.start_all()?;
+    // Shape every node's link too (set explicitly now, not only at `rig up`): the fetch must
+    // take seconds, or it ends before anyone can be killed mid-blob.
+    for n in 1..=NODES {
+        rig.call(&["shape_node", &n.to_string(), &rate])?;
+    }
     rig.step("every node pulls big:v1 at once");
-    let pulls: Vec<(u32, Child)> = (1..=NODES)
+    let mut pulls: Vec<(u32, Child)> = (1..=NODES)
         .map(|n| Ok((n, rig.spawn(&["cri_pull", &n.to_string(), big.tag("v1")?])?)))
         .collect::<Result<_>>()?;
     // The fetcher is whoever GETs the layer from upstream; wait until a quarter has arrived
@@ -141,6 +146,17 @@ fn pulls_survive_the_fetching_node_dying_mid_blob() -> Result<()> {
         ensure!(
             t0.elapsed() < PULL_WAIT,
             "no node fetched a quarter of the big layer within {PULL_WAIT:?}"
+        );
+        let mut finished = 0;
+        for (_, pull) in pulls.iter_mut() {
+            if pull.try_wait()?.is_some() {
+                finished += 1;
+            }
+        }
+        ensure!(
+            finished < pulls.len(),
+            "every pull ended before a quarter of the big layer was seen: the links were not slow \
+             enough to kill the fetcher mid-blob (RIG_COALESCE_KILL_RATE={rate})"
         );
         std::thread::sleep(Duration::from_millis(100));
     };
