@@ -451,7 +451,8 @@ impl RegistryState {
         input.namespaces = self.namespaces(guard, &req);
         log.set_namespaces(input.namespaces.clone());
         let mut decision = guard.gate.decide(&input);
-        // A tag means nothing without its registry: answer 404, never 5xx.
+        // The object's digest, resolved at most once: the peer side needs it before deciding
+        // (a grant covers a manifest's closure), everyone else after.
         let mut digest: Option<Option<Digest>> = None;
         if decision.require_grant {
             let granted = match self.handler {
