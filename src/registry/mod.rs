@@ -608,25 +608,22 @@ impl RegistryState {
         let (Some(checker), Some(ns)) = (&guard.tenancy.grants, &req.ns) else {
             return Err(Refusal::NoGrant);
         };
-        let candidates = checker.candidates(ns, &req.path.name, MAX_GRANTS_PER_REQUEST);
-        let Some(first) = candidates.first() else {
-            return Err(Refusal::NoGrant);
-        };
-        let claims = checker
-            .keys
-            .verify(&first.token)
-            .map_err(|e| Refusal::Invalid(e.reason()))?;
-        let label = format!("{}/{}", first.namespace, first.pod);
-        let granted = crate::tenancy::grants::Granted {
-            namespace: first.namespace.clone(),
-            pod: first.pod.clone(),
-            claims,
-        };
-        for c in &candidates {
+        let mut candidates = checker.candidates(ns, &req.path.name, MAX_GRANTS_PER_REQUEST);
+        for (c, _) in &candidates {
             if let Ok(v) = http::HeaderValue::from_str(&c.header_value()) {
                 req.peer_headers.append(GRANT_HEADER, v);
             }
         }
+        if candidates.is_empty() {
+            return Err(Refusal::NoGrant);
+        }
+        let (first, claims) = candidates.swap_remove(0);
+        let label = format!("{}/{}", first.namespace, first.pod);
+        let granted = crate::tenancy::grants::Granted {
+            namespace: first.namespace,
+            pod: first.pod,
+            claims,
+        };
         Ok((granted.input(), label))
     }
 

@@ -260,8 +260,13 @@ impl GrantChecker {
 
     /// The requesting side: grants held by pods on this node waiting for `registry/repository`,
     /// checked for signature, time, namespace and repository (the serving node checks the rest
-    /// with its own store). At most `limit`.
-    pub fn candidates(&self, registry: &str, repository: &str, limit: usize) -> Vec<Presented> {
+    /// with its own store). At most `limit`, each with the claims it verified to.
+    pub fn candidates(
+        &self,
+        registry: &str,
+        repository: &str,
+        limit: usize,
+    ) -> Vec<(Presented, Claims)> {
         let Some(pods) = &self.pods else {
             return Vec::new();
         };
@@ -273,11 +278,12 @@ impl GrantChecker {
                     continue;
                 };
                 if claims.sub == pod.namespace && claims.repo == repo {
-                    out.push(Presented {
+                    let presented = Presented {
                         namespace: pod.namespace.clone(),
                         pod: pod.name.clone(),
                         token: token.clone(),
-                    });
+                    };
+                    out.push((presented, claims));
                     if out.len() >= limit {
                         return out;
                     }

@@ -247,6 +247,43 @@ impl Drop for WebhookProcess {
     }
 }
 
+/// The webhook's own files in `dir`: a serving certificate for 127.0.0.1 (the URL the API
+/// server dials) and a configuration naming `configuration_name`, reaching `registries` over
+/// plain HTTP, plus `extra` YAML. Returns (config, CA file, listen port).
+fn webhook_files(
+    dir: &std::path::Path,
+    configuration_name: &str,
+    registries: &[&str],
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, u16) {
+    let bundle = certs::generate(&["127.0.0.1".into()], Duration::from_secs(3600)).expect("certs");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let (cert, key, ca) = (
+        write("tls.crt", &bundle.cert_pem),
+        write("tls.key", &bundle.key_pem),
+        write("ca.crt", &bundle.ca_pem),
+    );
+    let port = free_port();
+    let registries: String = registries
+        .iter()
+        .map(|r| format!("    \"{r}\": {{insecure: true}}\n"))
+        .collect();
+    let config = write(
+        "config.yaml",
+        &format!(
+            "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{}\ntls:\n  mode: files\n  certFile: {}\n  keyFile: {}\nwebhook:\n  configurationName: {configuration_name}\nresolver:\n  registries:\n{registries}{extra}",
+            free_port(),
+            cert.display(),
+            key.display(),
+        ),
+    );
+    (config, ca, port)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -295,28 +332,11 @@ async fn webhook_pins_workloads_created_through_the_api_server() {
     // The webhook's own files: a serving certificate for 127.0.0.1 (the URL the API server
     // dials), and its configuration.
     let dir = tempfile::tempdir().expect("tempdir");
-    let bundle = certs::generate(&["127.0.0.1".into()], Duration::from_secs(3600)).expect("certs");
-    let write = |name: &str, text: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).expect("write");
-        p
-    };
-    let (cert, key, ca) = (
-        write("tls.crt", &bundle.cert_pem),
-        write("tls.key", &bundle.key_pem),
-        write("ca.crt", &bundle.ca_pem),
-    );
-    let port = free_port();
-    let config = write(
-        "config.yaml",
-        &format!(
-            "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{}\ntls:\n  mode: files\n  certFile: {}\n  keyFile: {}\nwebhook:\n  configurationName: e2e-pinning\nresolver:\n  registries:\n    \"{}\": {{insecure: true}}\n    \"{}\": {{insecure: true}}\n",
-            free_port(),
-            cert.display(),
-            key.display(),
-            open.host(),
-            private.host()
-        ),
+    let (config, ca, port) = webhook_files(
+        dir.path(),
+        "e2e-pinning",
+        &[&open.host(), &private.host()],
+        "",
     );
     let bin = env!("CARGO_BIN_EXE_speculum-webhook");
 
@@ -506,7 +526,8 @@ async fn webhook_pins_workloads_created_through_the_api_server() {
         .get("e2e-pinning")
         .await
         .expect("configuration");
-    let want = base64::engine::general_purpose::STANDARD.encode(&bundle.ca_pem);
+    let ca_pem = std::fs::read_to_string(&ca).expect("ca.crt");
+    let want = base64::engine::general_purpose::STANDARD.encode(&ca_pem);
     for hook in stored.webhooks.iter().flatten() {
         let got = base64::engine::general_purpose::STANDARD
             .encode(&hook.client_config.ca_bundle.as_ref().expect("caBundle").0);
@@ -676,27 +697,12 @@ async fn webhook_signs_pull_grants_for_private_images() {
     )
     .expect("data.json");
 
-    let bundle = certs::generate(&["127.0.0.1".into()], Duration::from_secs(3600)).expect("certs");
-    let write = |name: &str, text: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).expect("write");
-        p
-    };
-    let (cert, key, ca) = (
-        write("tls.crt", &bundle.cert_pem),
-        write("tls.key", &bundle.key_pem),
-        write("ca.crt", &bundle.ca_pem),
-    );
-    let port = free_port();
-    let config = write(
-        "config.yaml",
+    let (config, ca, port) = webhook_files(
+        dir.path(),
+        "e2e-grants",
+        &[&open.host(), &private.host()],
         &format!(
-            "listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{}\ntls:\n  mode: files\n  certFile: {}\n  keyFile: {}\nwebhook:\n  configurationName: e2e-grants\nresolver:\n  registries:\n    \"{}\": {{insecure: true}}\n    \"{}\": {{insecure: true}}\ngrants:\n  signingKeyFile: {}\n  ttl: 10m\n  mirrorPolicyDir: {}\n  publishConfigMap: speculum-system/grant-keys\n",
-            free_port(),
-            cert.display(),
-            key.display(),
-            open.host(),
-            private.host(),
+            "grants:\n  signingKeyFile: {}\n  ttl: 10m\n  mirrorPolicyDir: {}\n  publishConfigMap: speculum-system/grant-keys\n",
             key_file.display(),
             policy.display(),
         ),
