@@ -225,6 +225,8 @@ async fn hop_cluster(
     drain(&nodes);
     let mut rng = rand::rng();
     let (mut hit, mut failed) = (Vec::new(), 0);
+    // Why a lookup failed: its walk ended without a verified provider, or the 3 s bound hit.
+    let (mut ended_empty, mut timed_out) = (0, 0);
     for _ in 0..lookups {
         if Instant::now() > deadline {
             break;
@@ -236,11 +238,16 @@ async fn hop_cluster(
             lookup_first(&nodes[from].router, &k),
         )
         .await
-        .ok()
-        .flatten()
         {
-            Some(d) => hit.push(d),
-            None => failed += 1,
+            Ok(Some(d)) => hit.push(d),
+            Ok(None) => {
+                failed += 1;
+                ended_empty += 1;
+            }
+            Err(_) => {
+                failed += 1;
+                timed_out += 1;
+            }
         }
     }
     // A lookup ends (and stops its walk) once it has verified a provider; its final kad event
@@ -281,6 +288,8 @@ async fn hop_cluster(
         "lookup_hit": summary(&format!("hops, {size} nodes: lookup, first provider"), &mut hit, failed),
         "requests_to_first_provider": count_summary(&mut first),
         "answered_from_own_store": local,
+        "failed_walk_ended_empty": ended_empty,
+        "failed_timed_out": timed_out,
         "requests_whole_walk": count_summary(&mut total),
         "lookup_miss": summary(&format!("hops, {size} nodes: lookup of a key nobody has"), &mut miss, 0),
         "requests_miss_walk": count_summary(&mut miss_requests),
