@@ -17,6 +17,7 @@
 
 pub mod cached;
 pub mod error;
+pub mod http1;
 pub mod listen;
 pub mod mirror;
 pub mod serve;
