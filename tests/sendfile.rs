@@ -343,7 +343,13 @@ async fn bytes_and_headers_match_the_streaming_path() {
     // (name, request, HEAD?, want status, want body)
     let cases: Vec<(&str, String, bool, u16, &[u8])> = vec![
         ("full", get(&blob, ""), false, 200, &f.blob[..]),
-        ("first byte", get(&blob, &range("0-0")), false, 206, &f.blob[..1]),
+        (
+            "first byte",
+            get(&blob, &range("0-0")),
+            false,
+            206,
+            &f.blob[..1],
+        ),
         (
             "last byte",
             get(&blob, &range(&format!("{}-{}", n - 1, n - 1))),
@@ -358,7 +364,13 @@ async fn bytes_and_headers_match_the_streaming_path() {
             206,
             &f.blob[1000..3_000_000],
         ),
-        ("suffix", get(&blob, &range("-4097")), false, 206, &f.blob[n - 4097..]),
+        (
+            "suffix",
+            get(&blob, &range("-4097")),
+            false,
+            206,
+            &f.blob[n - 4097..],
+        ),
         (
             "open end",
             get(&blob, &range("5000000-")),
@@ -407,14 +419,25 @@ async fn bytes_and_headers_match_the_streaming_path() {
         a.reply(true).await
     };
     assert_eq!(r.header("content-length"), Some(n.to_string().as_str()));
-    assert_eq!(r.header("docker-content-digest"), Some(f.blob_digest.as_str()));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(f.blob_digest.as_str())
+    );
     let bodies: u64 = cases
         .iter()
         .filter(|c| !c.2)
         .map(|c| c.4.len() as u64)
         .sum();
-    assert_eq!(sendfile_bytes(&with), bodies, "every body went out by sendfile");
-    assert_eq!(sendfile_bytes(&without), 0, "switch off: nothing by sendfile");
+    assert_eq!(
+        sendfile_bytes(&with),
+        bodies,
+        "every body went out by sendfile"
+    );
+    assert_eq!(
+        sendfile_bytes(&without),
+        0,
+        "switch off: nothing by sendfile"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,9 +454,19 @@ async fn keep_alive_and_pipelining_mix_every_kind_of_response() {
         (get(&unknown, ""), false, 404, None),
         (get(&manifest, ""), false, 200, Some(&f.manifest[..])),
         (head(&blob), true, 200, Some(b"")),
-        (get(&blob, &range("7-70000")), false, 206, Some(&f.blob[7..70001])),
+        (
+            get(&blob, &range("7-70000")),
+            false,
+            206,
+            Some(&f.blob[7..70001]),
+        ),
         (get("/v2/a/tags/list", ""), false, 404, None),
-        (get(&blob, &range("-1")), false, 206, Some(&f.blob[f.blob.len() - 1..])),
+        (
+            get(&blob, &range("-1")),
+            false,
+            206,
+            Some(&f.blob[f.blob.len() - 1..]),
+        ),
         // A method only hyper answers: the connection is handed over mid-way and goes on.
         (
             format!("DELETE {blob} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"),
@@ -469,11 +502,17 @@ async fn keep_alive_and_pipelining_mix_every_kind_of_response() {
 
     // `Connection: close` is honoured after a sendfile body.
     let mut c = Conn::open(s.addr).await;
-    c.send(&get(&blob, &format!("{}Connection: close\r\n", range("0-9"))))
-        .await;
+    c.send(&get(
+        &blob,
+        &format!("{}Connection: close\r\n", range("0-9")),
+    ))
+    .await;
     let r = c.reply(false).await;
     assert_eq!(r.header("connection"), Some("close"));
-    assert!(c.closed().await, "connection closed after Connection: close");
+    assert!(
+        c.closed().await,
+        "connection closed after Connection: close"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,10 +582,21 @@ async fn shutdown_finishes_the_body_in_flight_and_closes_idle_connections() {
     if let Some(stop) = s.stop.take() {
         let _ = stop.send(());
     }
-    assert!(idle.closed().await, "an idle keep-alive connection closes on shutdown");
+    assert!(
+        idle.closed().await,
+        "an idle keep-alive connection closes on shutdown"
+    );
     let r = busy.reply(false).await;
-    assert_eq!(sha256(&r.body), f.blob_digest, "the body in flight is whole");
-    assert_eq!(r.header("connection"), None, "its head went out before shutdown");
+    assert_eq!(
+        sha256(&r.body),
+        f.blob_digest,
+        "the body in flight is whole"
+    );
+    assert_eq!(
+        r.header("connection"),
+        None,
+        "its head went out before shutdown"
+    );
     assert!(busy.closed().await, "then the connection closes");
     tokio::time::timeout(WITHIN, &mut s.task)
         .await

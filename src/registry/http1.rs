@@ -90,8 +90,16 @@ pub(super) async fn serve(
     stop: &mut watch::Receiver<bool>,
     write_stall: Duration,
 ) -> Ended {
+    // A head and a small body written separately (head, then `sendfile` of a config blob)
+    // would otherwise wait for the client's delayed ACK (Nagle); hyper avoids that with one
+    // vectored write, we by sending every write at once.
+    let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
+        // Draining: requests already pipelined behind the last response are not started.
+        if *stop.borrow() {
+            return Ended::Closed;
+        }
         let parsed = loop {
             if !buf.is_empty() {
                 match parse(&buf) {
@@ -262,7 +270,11 @@ async fn write_response(
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let framing = match (bodiless, declared, axum::body::HttpBody::size_hint(&body).exact()) {
+    let framing = match (
+        bodiless,
+        declared,
+        axum::body::HttpBody::size_hint(&body).exact(),
+    ) {
         (true, _, _) => Framing::None,
         (false, Some(n), _) => Framing::Length(n),
         (false, None, Some(n)) => {
@@ -405,7 +417,11 @@ async fn write_stream(
 
 /// Sends the rest of `send`'s file region to the socket with `sendfile(2)`, waiting for the
 /// socket to drain in between (never blocking the runtime on it).
-async fn send_file(stream: &TcpStream, send: &mut FileSend, write_stall: Duration) -> io::Result<()> {
+async fn send_file(
+    stream: &TcpStream,
+    send: &mut FileSend,
+    write_stall: Duration,
+) -> io::Result<()> {
     while send.remaining() > 0 {
         let count = usize::try_from(send.remaining())
             .unwrap_or(usize::MAX)
@@ -484,26 +500,96 @@ mod tests {
 
     #[test]
     fn head_table() {
-        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-H{i}: v\r\n")).collect();
+        let many: String = (0..=MAX_HEADERS)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect();
         let cases: Vec<(&str, Vec<u8>, Want)> = vec![
-            ("get", b"GET /v2/ HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), Want::Serve { keep_alive: true }),
-            ("head", b"HEAD /v2/ HTTP/1.1\r\n\r\n".to_vec(), Want::Serve { keep_alive: true }),
-            ("close", b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n".to_vec(), Want::Serve { keep_alive: false }),
-            ("close among tokens", b"GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n".to_vec(), Want::Serve { keep_alive: false }),
-            ("zero length", b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec(), Want::Serve { keep_alive: true }),
+            (
+                "get",
+                b"GET /v2/ HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+                Want::Serve { keep_alive: true },
+            ),
+            (
+                "head",
+                b"HEAD /v2/ HTTP/1.1\r\n\r\n".to_vec(),
+                Want::Serve { keep_alive: true },
+            ),
+            (
+                "close",
+                b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n".to_vec(),
+                Want::Serve { keep_alive: false },
+            ),
+            (
+                "close among tokens",
+                b"GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n".to_vec(),
+                Want::Serve { keep_alive: false },
+            ),
+            (
+                "zero length",
+                b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                Want::Serve { keep_alive: true },
+            ),
             ("partial line", b"GET /v2/".to_vec(), Want::Partial),
-            ("partial headers", b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec(), Want::Partial),
-            ("post", b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec(), Want::Handoff),
-            ("get with a body", b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".to_vec(), Want::Handoff),
-            ("chunked get", b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(), Want::Handoff),
-            ("http/1.0", b"GET / HTTP/1.0\r\n\r\n".to_vec(), Want::Handoff),
-            ("upgrade", b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec(), Want::Handoff),
-            ("expect", b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n".to_vec(), Want::Handoff),
-            ("raw space", b"GET /v2/a b/manifests/x HTTP/1.1\r\n\r\n".to_vec(), Want::Refused(400)),
-            ("raw non-ascii", b"GET /v2/\xff\xfe/manifests/x HTTP/1.1\r\n\r\n".to_vec(), Want::Refused(400)),
-            ("bad method", b"G(T / HTTP/1.1\r\n\r\n".to_vec(), Want::Refused(400)),
-            ("bad version", b"GET / HTTP/2.0\r\n\r\n".to_vec(), Want::Refused(400)),
-            ("too many headers", format!("GET / HTTP/1.1\r\n{many}\r\n").into_bytes(), Want::Refused(431)),
+            (
+                "partial headers",
+                b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec(),
+                Want::Partial,
+            ),
+            (
+                "post",
+                b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                Want::Handoff,
+            ),
+            (
+                "get with a body",
+                b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+                Want::Handoff,
+            ),
+            (
+                "chunked get",
+                b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                Want::Handoff,
+            ),
+            (
+                "http/1.0",
+                b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+                Want::Handoff,
+            ),
+            (
+                "upgrade",
+                b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec(),
+                Want::Handoff,
+            ),
+            (
+                "expect",
+                b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n".to_vec(),
+                Want::Handoff,
+            ),
+            (
+                "raw space",
+                b"GET /v2/a b/manifests/x HTTP/1.1\r\n\r\n".to_vec(),
+                Want::Refused(400),
+            ),
+            (
+                "raw non-ascii",
+                b"GET /v2/\xff\xfe/manifests/x HTTP/1.1\r\n\r\n".to_vec(),
+                Want::Refused(400),
+            ),
+            (
+                "bad method",
+                b"G(T / HTTP/1.1\r\n\r\n".to_vec(),
+                Want::Refused(400),
+            ),
+            (
+                "bad version",
+                b"GET / HTTP/2.0\r\n\r\n".to_vec(),
+                Want::Refused(400),
+            ),
+            (
+                "too many headers",
+                format!("GET / HTTP/1.1\r\n{many}\r\n").into_bytes(),
+                Want::Refused(431),
+            ),
         ];
         for (name, buf, expected) in cases {
             assert_eq!(want(&buf), expected, "{name}");

@@ -128,8 +128,7 @@ where
         tokio::spawn(async move {
             let _open = open;
             let read = if options.sendfile {
-                match http1::serve(&mut stream, client, &app, &mut stop, options.write_stall)
-                    .await
+                match http1::serve(&mut stream, client, &app, &mut stop, options.write_stall).await
                 {
                     Ended::Closed => return,
                     Ended::Handoff(read) => read,
@@ -233,10 +232,7 @@ impl AsyncWrite for Rewind {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
