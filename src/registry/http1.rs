@@ -90,10 +90,6 @@ pub(super) async fn serve(
     stop: &mut watch::Receiver<bool>,
     write_stall: Duration,
 ) -> Ended {
-    // A head and a small body written separately (head, then `sendfile` of a config blob)
-    // would otherwise wait for the client's delayed ACK (Nagle); hyper avoids that with one
-    // vectored write, we by sending every write at once.
-    let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         // Draining: requests already pipelined behind the last response are not started.
@@ -331,10 +327,22 @@ async fn write_response(
             // written with the bytes really sent however this ends. `body` (dropped after it)
             // then writes none.
             let mut send = file.map(FileBody::claim);
-            timed(write_stall, stream.write_all(&head)).await?;
-            if let Some(send) = &mut send {
-                send_file(stream, send, write_stall).await?;
+            // Corked (nginx's `tcp_nopush`): the head and the file leave in full-sized
+            // segments, and a small file shares the head's packet instead of waiting behind
+            // it for the client's delayed ACK (Nagle). Uncorking sends what is left.
+            let corked = rustix::net::sockopt::set_tcp_cork(&*stream, true).is_ok();
+            let sent = async {
+                timed(write_stall, stream.write_all(&head)).await?;
+                if let Some(send) = &mut send {
+                    send_file(stream, send, write_stall).await?;
+                }
+                Ok::<(), io::Error>(())
             }
+            .await;
+            if corked {
+                let _ = rustix::net::sockopt::set_tcp_cork(&*stream, false);
+            }
+            sent?;
             drop(send);
             drop(body);
             Ok(keep_alive)
