@@ -512,7 +512,13 @@ mod tests {
 
     #[test]
     fn sendfile_switch_and_stall_timeout() {
-        let cases: Vec<(&str, Vec<(&str, &str)>, Result<(bool, u64), &str>)> = vec![
+        // (name, environment, want: Ok((sendfile, stall seconds)) or Err(text in the error))
+        type Case<'a> = (
+            &'a str,
+            Vec<(&'a str, &'a str)>,
+            Result<(bool, u64), &'a str>,
+        );
+        let cases: Vec<Case> = vec![
             ("default", vec![], Ok((true, 60))),
             (
                 "env off",

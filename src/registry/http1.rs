@@ -69,6 +69,10 @@ pub(super) enum Ended {
 }
 
 /// One parsed request head.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per request head, moved once: boxing would only add an allocation"
+)]
 enum Parsed {
     /// Ours to answer. `head_len` bytes of the buffer hold it.
     Serve {
