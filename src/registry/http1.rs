@@ -233,6 +233,37 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, RegistryError> {
     }))
 }
 
+/// What [`serve`] makes of the bytes at the start of a connection's buffer (for the fuzz
+/// target, `fuzz/targets/oci.rs`, and the tests).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Classified {
+    /// Not a whole head yet: more bytes are read (up to [`MAX_HEAD_BYTES`]).
+    Partial,
+    /// Answered here; the head is the first `head_len` bytes.
+    Serve { head_len: usize, keep_alive: bool },
+    /// Handed to hyper.
+    Handoff,
+    /// Refused with this status and an OCI body; the connection closes.
+    Refused(u16),
+}
+
+/// Classifies `buf` as [`serve`] would.
+pub fn classify(buf: &[u8]) -> Classified {
+    match parse(buf) {
+        Ok(None) => Classified::Partial,
+        Ok(Some(Parsed::Serve {
+            head_len,
+            keep_alive,
+            ..
+        })) => Classified::Serve {
+            head_len,
+            keep_alive,
+        },
+        Ok(Some(Parsed::Handoff)) => Classified::Handoff,
+        Err(e) => Classified::Refused(e.status().as_u16()),
+    }
+}
+
 fn parse_error(e: httparse::Error) -> &'static str {
     match e {
         httparse::Error::Token => "invalid token in the request line or a header name",
@@ -492,7 +523,7 @@ async fn linger(stream: &mut TcpStream) {
 mod tests {
     use super::*;
 
-    /// What `parse` makes of a head.
+    /// What `parse` makes of a head (the head length left out: the table checks it apart).
     #[derive(Debug, PartialEq)]
     enum Want {
         Partial,
@@ -502,11 +533,17 @@ mod tests {
     }
 
     fn want(buf: &[u8]) -> Want {
-        match parse(buf) {
-            Ok(None) => Want::Partial,
-            Ok(Some(Parsed::Serve { keep_alive, .. })) => Want::Serve { keep_alive },
-            Ok(Some(Parsed::Handoff)) => Want::Handoff,
-            Err(e) => Want::Refused(e.status().as_u16()),
+        match classify(buf) {
+            Classified::Partial => Want::Partial,
+            Classified::Serve {
+                head_len,
+                keep_alive,
+            } => {
+                assert!(head_len <= buf.len());
+                Want::Serve { keep_alive }
+            }
+            Classified::Handoff => Want::Handoff,
+            Classified::Refused(status) => Want::Refused(status),
         }
     }
 
