@@ -18,10 +18,13 @@
 //! [`MAX_HEAD_BYTES`] (431), and a response whose bytes make no progress for the write stall
 //! timeout is abandoned, so a client that stops reading cannot pin a task.
 //!
-//! `sendfile` on a non-blocking socket never waits for the peer; it can wait for the disk
-//! when the file's pages are not cached (as nginx's `sendfile on` does without `aio threads`).
-//! Each call is capped at [`SENDFILE_CHUNK`] so that one such wait stays short; blobs served
-//! here were written by containerd recently and are normally cached.
+//! `sendfile` on a non-blocking socket never waits for the peer, but it would wait for the
+//! disk when the file's pages are not cached (nginx's `sendfile on` does, without `aio
+//! threads`). So before each call (at most [`SENDFILE_CHUNK`] bytes) one byte at its offset is
+//! read with `RWF_NOWAIT`; if that page is not cached, the chunk is read on tokio's blocking
+//! pool first ([`warm`]), and `sendfile` then finds it in the page cache. Blobs served here
+//! were usually written by containerd recently and are cached: the probe is one cheap
+//! syscall per chunk.
 
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
@@ -469,6 +472,9 @@ async fn send_file(
         let count = usize::try_from(send.remaining())
             .unwrap_or(usize::MAX)
             .min(SENDFILE_CHUNK);
+        if !cached(send.file(), send.position()) {
+            warm(send.shared_file(), send.position(), count).await?;
+        }
         timed(write_stall, stream.writable()).await?;
         let mut offset = send.position();
         let result = stream.try_io(Interest::WRITABLE, || {
@@ -492,6 +498,39 @@ async fn send_file(
         }
     }
     Ok(())
+}
+
+/// Whether the page holding `offset` is in the page cache (a read of it would not wait for
+/// the disk). Anything but "would block" counts as cached: `sendfile` reports real errors.
+fn cached(file: &std::fs::File, offset: u64) -> bool {
+    let mut byte = [0u8; 1];
+    let probe = rustix::io::preadv2(
+        file,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    !matches!(probe, Err(rustix::io::Errno::AGAIN))
+}
+
+/// Reads `len` bytes of `file` from `offset` on the blocking pool, so that they are in the
+/// page cache when `sendfile` wants them. Through a small buffer: only the disk read matters.
+async fn warm(file: std::sync::Arc<std::fs::File>, offset: u64, len: usize) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut scratch = vec![0u8; 64 * 1024];
+        let mut done = 0usize;
+        while done < len {
+            let want = scratch.len().min(len - done);
+            match file.read_at(&mut scratch[..want], offset + done as u64)? {
+                0 => break, // the end of the file: sendfile reports it
+                n => done += n,
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 /// `fut`, failing with `TimedOut` when it takes longer than `limit`.

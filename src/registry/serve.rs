@@ -280,6 +280,11 @@ impl FileSend {
         &self.body.file
     }
 
+    /// The file, for work on the blocking pool.
+    pub fn shared_file(&self) -> Arc<std::fs::File> {
+        self.body.file.clone()
+    }
+
     /// The file offset of the next byte to send.
     pub fn position(&self) -> u64 {
         self.body.offset + self.sent
