@@ -56,7 +56,7 @@ bench-smoke: setup
 	BENCH_SMOKE=1 bash bench/run.sh
 
 # --- robustness (issue 10; see ROBUSTNESS.md) -----------------------------------------------------
-FUZZ_TARGETS := digest reference v2_path range media pull_request admission_review grant_verify
+FUZZ_TARGETS := digest reference v2_path range media pull_request http_head admission_review grant_verify
 # Per-target libFuzzer bound for `make fuzz`: runs and wall time, whichever ends first.
 FUZZ_RUNS ?= 10000000
 FUZZ_SECONDS ?= 1800

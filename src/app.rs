@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::metrics::{Handler, Metrics};
 use crate::policy::reload as policy_reload;
 use crate::readiness::Readiness;
+use crate::registry::listen::ServeOptions;
 use crate::registry::{self, Guard, Mirror, RegistryState, TenancyGuard};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
@@ -147,6 +148,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     let mut sync_task = tokio::spawn(advertiser.run(sync_shutdown));
 
     let (http_stop, http_shutdown) = shutdown::channel();
+    let serve_options = config.registry.serve_options();
     let mut servers = vec![
         serve(
             mirror_listener,
@@ -154,16 +156,19 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
                 state(Handler::Mirror, Some(Arc::new(mirror))),
                 guard.clone(),
             ),
+            serve_options,
             http_shutdown.clone(),
         ),
         serve(
             peer_listener,
             registry::app_with(state(Handler::Peer, None), guard.clone()),
+            serve_options,
             http_shutdown.clone(),
         ),
         serve(
             metrics_listener,
             metrics_app(metrics.clone(), readiness.clone()),
+            serve_options,
             http_shutdown,
         ),
     ];
@@ -239,9 +244,15 @@ async fn bind(addr: SocketAddr, setting: &str) -> anyhow::Result<TcpListener> {
 fn serve(
     listener: TcpListener,
     app: axum::Router,
+    options: ServeOptions,
     shutdown: Shutdown,
 ) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(registry::listen::serve(listener, app, shutdown.wait()))
+    tokio::spawn(registry::listen::serve_with(
+        listener,
+        app,
+        options,
+        shutdown.wait(),
+    ))
 }
 
 /// `/metrics`, `/readyz` and `/livez` on the metrics listener.

@@ -65,6 +65,25 @@ pub struct RegistryConfig {
     /// `terminationGracePeriodSeconds`).
     #[serde(with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// Serve `GET`/`HEAD` with the daemon's own HTTP/1.1 writer, which sends blob bodies from
+    /// containerd's content files with `sendfile(2)` (needs `containerd.content_dir`; without
+    /// it bodies stream as before). `false`: hyper writes every response
+    /// (`src/registry/http1.rs`, BENCHMARKS.md §2).
+    pub sendfile: bool,
+    /// With `sendfile`: a response whose bytes make no progress for this long is abandoned
+    /// and its connection closed, so a client that stops reading cannot hold a task.
+    #[serde(with = "humantime_serde")]
+    pub write_stall_timeout: Duration,
+}
+
+impl RegistryConfig {
+    /// How the registry listeners serve their connections.
+    pub fn serve_options(&self) -> crate::registry::listen::ServeOptions {
+        crate::registry::listen::ServeOptions {
+            sendfile: self.sendfile,
+            write_stall: self.write_stall_timeout,
+        }
+    }
 }
 
 impl Default for RegistryConfig {
@@ -73,6 +92,8 @@ impl Default for RegistryConfig {
             mirror_listen: ([127, 0, 0, 1], 5080).into(),
             peer_listen: ([0, 0, 0, 0], 5081).into(),
             drain_grace: Duration::from_secs(20),
+            sendfile: true,
+            write_stall_timeout: crate::registry::listen::DEFAULT_WRITE_STALL,
         }
     }
 }
@@ -262,6 +283,11 @@ impl Config {
         }
         if self.registry.drain_grace > Duration::from_secs(600) {
             errors.push("registry.drain_grace must be at most 10m".to_owned());
+        }
+        if self.registry.write_stall_timeout < Duration::from_secs(1)
+            || self.registry.write_stall_timeout > Duration::from_secs(3600)
+        {
+            errors.push("registry.write_stall_timeout must be between 1s and 1h".to_owned());
         }
         errors
     }
@@ -482,6 +508,52 @@ mod tests {
         )
         .expect("valid");
         assert!(!cfg.policy.resolve_latest_tag);
+    }
+
+    #[test]
+    fn sendfile_switch_and_stall_timeout() {
+        // (name, environment, want: Ok((sendfile, stall seconds)) or Err(text in the error))
+        type Case<'a> = (
+            &'a str,
+            Vec<(&'a str, &'a str)>,
+            Result<(bool, u64), &'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            ("default", vec![], Ok((true, 60))),
+            (
+                "env off",
+                vec![("SPECULUM_REGISTRY_SENDFILE", "false")],
+                Ok((false, 60)),
+            ),
+            (
+                "stall from env",
+                vec![("SPECULUM_REGISTRY_WRITE_STALL_TIMEOUT", "5s")],
+                Ok((true, 5)),
+            ),
+            (
+                "stall too short",
+                vec![("SPECULUM_REGISTRY_WRITE_STALL_TIMEOUT", "10ms")],
+                Err("registry.write_stall_timeout"),
+            ),
+            (
+                "not a bool",
+                vec![("SPECULUM_REGISTRY_SENDFILE", "maybe")],
+                Err("SPECULUM_REGISTRY_SENDFILE"),
+            ),
+        ];
+        for (name, vars, want) in cases {
+            match (load(None, env(&vars), &[]), want) {
+                (Ok(cfg), Ok((sendfile, stall))) => {
+                    let o = cfg.registry.serve_options();
+                    assert_eq!(o.sendfile, sendfile, "{name}");
+                    assert_eq!(o.write_stall, Duration::from_secs(stall), "{name}");
+                }
+                (Err(e), Err(needle)) => {
+                    assert!(e.to_string().contains(needle), "{name}: {e}");
+                }
+                (got, _) => panic!("{name}: unexpected {got:?}"),
+            }
+        }
     }
 
     #[test]

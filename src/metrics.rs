@@ -95,6 +95,8 @@ pub struct Metrics {
     pub request_duration: Family<RequestLabels, Histogram>,
     pub mirror: Family<MirrorLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
+    /// The part of `bytes` the kernel sent straight from content files (`sendfile(2)`).
+    pub sendfile_bytes: Counter,
     pub peer_failures: Family<PeerFailureLabels, Counter>,
     pub resumes: Counter,
     pub lookup_duration: Histogram,
@@ -147,6 +149,12 @@ impl Metrics {
             "Bytes of manifests and blobs sent, by listener and source",
             bytes.clone(),
         );
+        let sendfile_bytes = Counter::default();
+        registry.register(
+            "served_sendfile_bytes",
+            "Bytes of served_bytes sent from content files with sendfile(2), all listeners",
+            sendfile_bytes.clone(),
+        );
         let peer_failures = Family::<PeerFailureLabels, Counter>::default();
         registry.register(
             "mirror_peer_failures",
@@ -190,6 +198,7 @@ impl Metrics {
             request_duration,
             mirror,
             bytes,
+            sendfile_bytes,
             peer_failures,
             resumes,
             lookup_duration,

@@ -49,6 +49,14 @@ const TOKENS: &[&[u8]] = &[
     b"\"digest\":",
     b"\"schemaVersion\":2",
     b"\"manifests\":[",
+    b"\r\n",
+    b"\r\n\r\n",
+    b"GET ",
+    b"HEAD ",
+    b" HTTP/1.1",
+    b"Connection: close",
+    b"Content-Length: ",
+    b"Transfer-Encoding: chunked",
 ];
 
 /// A small deterministic PRNG (xorshift64*): reproducible failures, no dependency.
@@ -117,13 +125,14 @@ type Target = (&'static str, fn(&[u8]));
 #[test]
 fn fuzz_targets_hold_on_seeds_regressions_and_mutations() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let targets: [Target; 6] = [
+    let targets: [Target; 7] = [
         ("digest", oci::digest),
         ("reference", oci::reference),
         ("v2_path", oci::v2_path),
         ("range", oci::range),
         ("media", oci::media),
         ("pull_request", oci::pull_request),
+        ("http_head", oci::http_head),
     ];
     for (name, target) in targets {
         let seeds = files(&fuzz.join("seeds").join(name));

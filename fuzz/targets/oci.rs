@@ -11,6 +11,7 @@ use speculum::oci::path::{parse_ns, parse_v2_path, valid_name};
 use speculum::oci::range::parse_range;
 use speculum::oci::{Digest, Reference};
 use speculum::registry::PullRequest;
+use speculum::registry::http1::{Classified, classify};
 
 /// `sha256:…` and `sha512:…`: accepted digests round-trip byte for byte (only the canonical
 /// form is accepted, so a URL and the store always name the same bytes).
@@ -144,5 +145,46 @@ pub fn pull_request(data: &[u8]) {
         assert_eq!(again.path, req.path);
         assert_eq!(again.ns, req.ns);
         let _ = req.key();
+    }
+}
+
+/// The start of a connection (`registry::http1`, the GET/HEAD writer in front of hyper): never a
+/// panic; a head it serves lies within the bytes, is found again in exactly those bytes (the
+/// bytes after it stay for the next request), and is only ever a GET or HEAD; a refusal is a
+/// 400 or 431.
+pub fn http_head(data: &[u8]) {
+    match classify(data) {
+        Classified::Serve {
+            head_len,
+            keep_alive,
+        } => {
+            assert!(
+                head_len > 0 && head_len <= data.len(),
+                "head length out of bounds"
+            );
+            assert_eq!(
+                classify(&data[..head_len]),
+                Classified::Serve {
+                    head_len,
+                    keep_alive
+                },
+                "the head alone classifies differently"
+            );
+            // httparse skips empty lines before a request line (RFC 9112, 2.2).
+            let start = data
+                .iter()
+                .position(|b| !matches!(b, b'\r' | b'\n'))
+                .unwrap_or(0);
+            let line = &data[start..];
+            assert!(
+                line.starts_with(b"GET ") || line.starts_with(b"HEAD "),
+                "served a head that is not GET or HEAD: {:?}",
+                String::from_utf8_lossy(&data[..head_len.min(64)])
+            );
+        }
+        Classified::Refused(status) => {
+            assert!(matches!(status, 400 | 431), "refused with {status}");
+        }
+        Classified::Partial | Classified::Handoff => {}
     }
 }

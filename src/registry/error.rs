@@ -40,6 +40,11 @@ pub enum RegistryError {
         super::listen::MAX_HEADER_BYTES
     )]
     HeadersTooLarge,
+    /// A request head that is not HTTP/1.1 at all (a raw space or non-ASCII byte in the
+    /// target, a bad method token or version): refused by our own parser (`registry::http1`),
+    /// so that it too gets an OCI body. RFC 9112, 3.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
 }
 
 impl RegistryError {
@@ -54,9 +59,9 @@ impl RegistryError {
             RegistryError::ManifestUnknown => ErrorCode::ManifestUnknown,
             RegistryError::BlobUnknown => ErrorCode::BlobUnknown,
             RegistryError::Range { .. } => ErrorCode::RangeInvalid,
-            RegistryError::MethodNotAllowed | RegistryError::HeadersTooLarge => {
-                ErrorCode::Unsupported
-            }
+            RegistryError::MethodNotAllowed
+            | RegistryError::HeadersTooLarge
+            | RegistryError::Malformed(_) => ErrorCode::Unsupported,
             RegistryError::Unauthorized(_) => ErrorCode::Unauthorized,
             RegistryError::Denied(_) => ErrorCode::Denied,
         }
@@ -68,6 +73,7 @@ impl RegistryError {
         match self {
             RegistryError::Path(PathError::TagInvalid) => StatusCode::BAD_REQUEST,
             RegistryError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            RegistryError::Malformed(_) => StatusCode::BAD_REQUEST,
             other => other.code().status(),
         }
     }

@@ -1,32 +1,47 @@
-//! Serving an axum app on a TCP listener over HTTP/1.1, with our own header limits.
+//! Serving an axum app on a TCP listener over HTTP/1.1, with our own header limits and, for
+//! `GET`/`HEAD`, our own writer that can send blob bodies with `sendfile(2)`.
 //!
-//! What `axum::serve` does (accept, `ConnectInfo`, graceful shutdown), plus one thing it
-//! cannot: hyper answers requests it refuses itself (too many headers, header section over
-//! its buffer) with a bare status and no body. So hyper's limits are raised a little above
-//! ours ([`HYPER_MAX_HEADERS`], [`HYPER_MAX_BUF`]) and ours ([`MAX_HEADERS`],
-//! [`MAX_HEADER_BYTES`]) are enforced here, where the refusal can be a 431 with an OCI error
-//! body like every other error ([`RegistryError::HeadersTooLarge`]).
+//! What `axum::serve` does (accept, `ConnectInfo`, graceful shutdown), plus two things it
+//! cannot:
+//! - Refusals with an OCI body. hyper answers requests it refuses itself (too many headers,
+//!   header section over its buffer, unparseable request line) with a bare status and no
+//!   body. Our limits ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`]) are enforced here, where the
+//!   refusal can be a 431 with an OCI error body like every other error
+//!   ([`RegistryError::HeadersTooLarge`]).
+//! - Zero-copy blob bodies. With [`ServeOptions::sendfile`] (the default) each connection is
+//!   first read by [`super::http1`], which answers bodiless requests itself and sends content
+//!   files with `sendfile(2)`; the first request it does not handle (a request body, an
+//!   upgrade, HTTP/1.0, another method) hands the connection, with the bytes already read
+//!   put back in front ([`Rewind`]), to hyper for the rest of its life.
 //!
-//! What still gets hyper's bare answer (ROBUSTNESS.md §1): a header section beyond
+//! hyper's limits are raised a little above ours ([`HYPER_MAX_HEADERS`], [`HYPER_MAX_BUF`]).
+//! What still gets hyper's bare answer (ROBUSTNESS.md §1): on connections hyper serves (all of
+//! them with `sendfile` off; after a hand-off otherwise), a header section beyond
 //! `HYPER_MAX_BUF` or with more than `HYPER_MAX_HEADERS` fields (431), and a request line
-//! hyper cannot parse at all (400: a raw space or non-ASCII byte in the target, a bad method
-//! or version). There is no request there for any handler to see; answering those with JSON
-//! would take our own HTTP parser in front of hyper's.
+//! hyper cannot parse (400). With `sendfile` on, the first request of a connection and every
+//! `GET`/`HEAD` before a hand-off are parsed by `http1`, which answers all of those with OCI
+//! bodies.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
+use bytes::{Buf, Bytes};
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
 
 use super::RegistryError;
+use super::http1::{self, Ended};
 
 /// Most header fields a request may carry. containerd sends fewer than 10.
 pub const MAX_HEADERS: usize = 100;
@@ -42,9 +57,47 @@ pub const HYPER_MAX_BUF: usize = 1024 * 1024;
 /// this long before accepting again instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How a listener serves its connections (`registry.sendfile`, `registry.write_stall_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Serve `GET`/`HEAD` with [`super::http1`] (blob bodies from content files with
+    /// `sendfile(2)`); `false`: hyper serves every request and streams every body.
+    pub sendfile: bool,
+    /// With `sendfile`: a response whose bytes make no progress for this long is abandoned
+    /// and its connection closed (a client that stops reading must not pin a task).
+    pub write_stall: Duration,
+}
+
+/// The default of `registry.write_stall_timeout`: far beyond any pause of a client that is
+/// still reading (containerd reads layers as fast as it can write them), short enough that
+/// a vanished client is noticed well before file descriptors run out.
+pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            sendfile: true,
+            write_stall: DEFAULT_WRITE_STALL,
+        }
+    }
+}
+
+/// Serves `app` with the default [`ServeOptions`]; see [`serve_with`].
+pub async fn serve<S>(listener: TcpListener, app: axum::Router, shutdown: S) -> std::io::Result<()>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    serve_with(listener, app, ServeOptions::default(), shutdown).await
+}
+
 /// Serves `app` until `shutdown` completes; then stops accepting, lets every connection
 /// finish its current response and returns when all are closed (bound the wait outside).
-pub async fn serve<S>(listener: TcpListener, app: axum::Router, shutdown: S) -> std::io::Result<()>
+pub async fn serve_with<S>(
+    listener: TcpListener,
+    app: axum::Router,
+    options: ServeOptions,
+    shutdown: S,
+) -> std::io::Result<()>
 where
     S: Future<Output = ()> + Send + 'static,
 {
@@ -56,7 +109,7 @@ where
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
-        let (stream, client) = tokio::select! {
+        let (mut stream, client) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -69,33 +122,25 @@ where
             },
         };
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(client));
-            let app = app.clone();
-            async move {
-                if let Err(refused) = check_headers(req.headers()) {
-                    return Ok::<Response, Infallible>(refused.into_response());
-                }
-                app.oneshot(req.map(axum::body::Body::new)).await
-            }
-        });
-        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let http = http.clone();
         let mut stop = stop_rx.clone();
         let open = open_tx.clone();
         tokio::spawn(async move {
             let _open = open;
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = async { drop(stop.wait_for(|s| *s).await) } => {
-                    // Finish the response in flight, then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let read = if options.sendfile {
+                match http1::serve(&mut stream, client, &app, &mut stop, options.write_stall).await
+                {
+                    Ended::Closed => return,
+                    Ended::Handoff(read) => read,
                 }
+            } else {
+                Bytes::new()
             };
-            if let Err(e) = result {
-                tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
-            }
+            let io = TokioIo::new(Rewind {
+                read,
+                inner: stream,
+            });
+            hyper_connection(&http, io, app, client, stop).await;
         });
     }
     drop(listener);
@@ -103,6 +148,93 @@ where
     drop(open_tx);
     let _ = open_rx.recv().await;
     Ok(())
+}
+
+/// Serves one connection with hyper until it closes; on shutdown, finishes the response in
+/// flight and closes.
+async fn hyper_connection(
+    http: &hyper::server::conn::http1::Builder,
+    io: TokioIo<Rewind>,
+    app: axum::Router,
+    client: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(client));
+        let app = app.clone();
+        async move {
+            if let Err(refused) = check_headers(req.headers()) {
+                return Ok::<Response, Infallible>(refused.into_response());
+            }
+            app.oneshot(req.map(axum::body::Body::new)).await
+        }
+    });
+    let conn = http.serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { drop(stop.wait_for(|s| *s).await) } => {
+            // Finish the response in flight, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client.addr = %client, error = %e, "connection ended with an error");
+    }
+}
+
+/// A socket with bytes already read from it put back in front: what hyper reads first after
+/// a hand-off from [`super::http1`]. Writes go straight to the socket.
+pub struct Rewind {
+    read: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Our header limits, checked before any handler runs.

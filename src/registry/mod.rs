@@ -8,8 +8,9 @@
 //!
 //! Requests are parsed into a [`PullRequest`] up front (bad input is a 4xx before anything is
 //! looked up); [`serve`] writes successful responses; [`error`] is the only place errors
-//! become responses; [`listen`] serves an app on a socket, with our header limits. Every
-//! request is counted and audited once, with the bytes really sent.
+//! become responses; [`listen`] serves an app on a socket, with our header limits, and
+//! [`http1`] writes `GET`/`HEAD` responses itself so blob bodies can go out with `sendfile(2)`.
+//! Every request is counted and audited once, with the bytes really sent.
 //!
 //! Before anything is looked up, the policy [`Guard`] decides (source `local` on the mirror
 //! endpoint, `peer` on the peer endpoint or for a hop): a deny, a tag the switches or the
@@ -17,6 +18,7 @@
 
 pub mod cached;
 pub mod error;
+pub mod http1;
 pub mod listen;
 pub mod mirror;
 pub mod serve;

@@ -1,6 +1,12 @@
 //! Writing successful responses: content from this node's store (with `Range` support), the
 //! byte-counting body wrapper shared with the mirror path, and the one audit record each
 //! request produces once its body is finished (or abandoned).
+//!
+//! When the store can hand out the content file ([`Store::open_file`](crate::store::Store)),
+//! the response carries it as a [`FileBody`] extension next to an ordinary body streaming the
+//! same bytes: the connection writer in [`super::http1`] sends the file with `sendfile(2)`,
+//! any other writer (hyper) streams the body. Whichever runs counts the bytes and writes the
+//! one audit record.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +27,7 @@ use crate::audit::{AuditRecord, AuditSink};
 use crate::metrics::{BytesLabels, Handler, Source};
 use crate::oci::range::parse_range;
 use crate::oci::{Digest, Kind, media};
+use crate::store::ContentFile;
 
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
@@ -186,6 +193,9 @@ pub struct Counted {
     log: AccessLog,
     status: StatusCode,
     source: &'static str,
+    /// Set when the bytes went out through the response's [`FileBody`] instead: then the
+    /// file sender writes the record, and this stream, never polled, must not write a 0.
+    claimed: Option<Arc<AtomicBool>>,
 }
 
 impl Counted {
@@ -196,23 +206,109 @@ impl Counted {
         log: AccessLog,
         status: StatusCode,
     ) -> Body {
-        let counter = state
-            .metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                handler: state.handler,
-                source,
-            })
-            .clone();
-        let source = source.as_str();
         Body::from_stream(Counted {
             inner,
             sent: 0,
-            counter,
+            counter: bytes_counter(state, source),
             log,
             status,
+            source: source.as_str(),
+            claimed: None,
+        })
+    }
+}
+
+/// The bytes-served counter of this listener for `source`.
+fn bytes_counter(state: &RegistryState, source: Source) -> Counter {
+    state
+        .metrics
+        .bytes
+        .get_or_create(&BytesLabels {
+            handler: state.handler,
             source,
         })
+        .clone()
+}
+
+/// Response extension: the body's bytes as a region of an open content file, for a writer
+/// that can send files (`sendfile(2)` in [`super::http1`]). The response's own body streams
+/// the same bytes, so a writer that ignores this extension sends the same response.
+///
+/// Claiming it ([`FileBody::claim`]) moves the accounting (bytes metric, audit record) from
+/// the body to the returned [`FileSend`].
+#[derive(Clone)]
+pub struct FileBody {
+    file: Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+    counter: Counter,
+    sendfile_counter: Counter,
+    log: AccessLog,
+    status: StatusCode,
+    claimed: Arc<AtomicBool>,
+}
+
+impl FileBody {
+    /// Bytes in the region (the response's body length).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Takes over sending: from now on the body stream writes no record when dropped.
+    pub fn claim(self) -> FileSend {
+        self.claimed.store(true, Ordering::Release);
+        FileSend {
+            body: self,
+            sent: 0,
+        }
+    }
+}
+
+/// A file region being sent: counts what went out and writes the audit record when dropped
+/// (complete, failed or abandoned by the client alike), with the bytes actually sent.
+pub struct FileSend {
+    body: FileBody,
+    sent: u64,
+}
+
+impl FileSend {
+    pub fn file(&self) -> &std::fs::File {
+        &self.body.file
+    }
+
+    /// The file, for work on the blocking pool.
+    pub fn shared_file(&self) -> Arc<std::fs::File> {
+        self.body.file.clone()
+    }
+
+    /// The file offset of the next byte to send.
+    pub fn position(&self) -> u64 {
+        self.body.offset + self.sent
+    }
+
+    /// Bytes still to send.
+    pub fn remaining(&self) -> u64 {
+        self.body.len - self.sent
+    }
+
+    /// Records `n` more bytes as sent.
+    pub fn advance(&mut self, n: u64) {
+        let n = n.min(self.remaining());
+        self.sent += n;
+        self.body.counter.inc_by(n);
+        self.body.sendfile_counter.inc_by(n);
+    }
+}
+
+impl Drop for FileSend {
+    fn drop(&mut self) {
+        self.body
+            .log
+            .finish(self.body.status, self.sent, Source::Local.as_str());
     }
 }
 
@@ -232,6 +328,13 @@ impl Stream for Counted {
 
 impl Drop for Counted {
     fn drop(&mut self) {
+        if self
+            .claimed
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Acquire))
+        {
+            return;
+        }
         self.log.finish(self.status, self.sent, self.source);
     }
 }
@@ -286,16 +389,67 @@ pub async fn local(
         log.finish(status, 0, "local");
         return Ok(builder.body(Body::empty()).ok());
     }
-    let stream = match state.store.open(digest, range).await {
-        Ok(s) => s,
+    let file = match state.store.open_file(digest, range).await {
+        Ok(f) => f.and_then(|f| file_body(f, state, &log, status)),
         Err(e) => {
             // Garbage collected between descriptor and open, or containerd went away.
             tracing::warn!(%digest, error = %e, "store open failed; treating as a miss");
             return Ok(None);
         }
     };
+    if let Some((stream, file)) = file {
+        let body = Body::from_stream(Counted {
+            inner: stream,
+            sent: 0,
+            counter: file.counter.clone(),
+            log,
+            status,
+            source: Source::Local.as_str(),
+            claimed: Some(file.claimed.clone()),
+        });
+        return Ok(builder.extension(file).body(body).ok());
+    }
+    let stream = match state.store.open(digest, range).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "store open failed; treating as a miss");
+            return Ok(None);
+        }
+    };
     let body = Counted::body(stream, state, Source::Local, log, status);
     Ok(builder.body(body).ok())
+}
+
+/// The two ways to send an opened content file: a stream over a duplicate of its descriptor
+/// (for hyper) and the [`FileBody`] (for sendfile). `None` when the descriptor cannot be
+/// duplicated (out of descriptors): the caller streams through the store instead.
+fn file_body(
+    opened: ContentFile,
+    state: &RegistryState,
+    log: &AccessLog,
+    status: StatusCode,
+) -> Option<(BoxStream<'static, std::io::Result<Bytes>>, FileBody)> {
+    // A duplicate shares the file position with the original; only the stream uses the
+    // position (sendfile is given explicit offsets), so the two never disturb each other.
+    let dup = opened.file.try_clone().ok()?;
+    let stream = ContentFile {
+        file: dup,
+        offset: opened.offset,
+        len: opened.len,
+    }
+    .stream()
+    .ok()?;
+    let file = FileBody {
+        file: Arc::new(opened.file),
+        offset: opened.offset,
+        len: opened.len,
+        counter: bytes_counter(state, Source::Local),
+        sendfile_counter: state.metrics.sendfile_bytes.clone(),
+        log: log.clone(),
+        status,
+        claimed: Arc::new(AtomicBool::new(false)),
+    };
+    Some((stream, file))
 }
 
 /// Header value helper for headers copied from a peer response.

@@ -4,7 +4,8 @@
 //! [`run`] seeds a deterministic image set ([`Fixture`]) through a [`Seeder`] (the part that
 //! knows how to put content into the backing store: `MemoryStore` methods, or `ctr images
 //! import` for containerd), then checks what the seam promises: image listing, tag
-//! resolution, sizes and detected media types, whole and ranged reads, absent content,
+//! resolution, sizes and detected media types, whole and ranged reads (and, where a store
+//! hands out content files, the same bytes from those files), absent content,
 //! [`closure`], and image events. Every failed check is reported by name, all at once.
 //!
 //! The fixture:
@@ -466,6 +467,12 @@ async fn check_reads<S: Store>(store: &S, f: &Fixture, c: &mut Checks) {
                 )
             });
         }
+        let name = format!("open_file whole: {}", b.label);
+        if let Some(Some(got)) = c.call(&name, read_file(store, &b.digest, None)).await {
+            c.check(&name, got == b.bytes, || {
+                format!("file region of {} bytes, want {}", got.len(), b.size())
+            });
+        }
     }
     let big = &f.oci_layers[1];
     let size = big.size();
@@ -494,6 +501,15 @@ async fn check_reads<S: Store>(store: &S, f: &Fixture, c: &mut Checks) {
                     got.len(),
                     want.len()
                 )
+            });
+        }
+        let name = format!("open_file range: {label}");
+        if let Some(Some(got)) = c
+            .call(&name, read_file(store, &big.digest, Some(range)))
+            .await
+        {
+            c.check(&name, got == want, || {
+                format!("file region of {} bytes, want {}", got.len(), want.len())
             });
         }
     }
@@ -544,6 +560,16 @@ async fn check_absent<S: Store>(store: &S, c: &mut Checks) {
         Ok(Err(StoreError::NotFound(_))) => {}
         Ok(Err(e)) => c.fail(name, format!("wrong error: {e}")),
         Ok(Ok(_)) => c.fail(name, "opened content that does not exist".to_owned()),
+        Err(e) => c.fail(name, e),
+    }
+    let name = "open_file: missing is NotFound (or no file)";
+    match bounded(store.open_file(&missing, None)).await {
+        Ok(Err(StoreError::NotFound(_)) | Ok(None)) => {}
+        Ok(Err(e)) => c.fail(name, format!("wrong error: {e}")),
+        Ok(Ok(Some(_))) => c.fail(
+            name,
+            "opened a file for content that does not exist".to_owned(),
+        ),
         Err(e) => c.fail(name, e),
     }
     let name = "read_small: missing is NotFound";
@@ -677,6 +703,24 @@ async fn read<S: Store>(
 ) -> Result<Bytes, StoreError> {
     let chunks: Vec<Bytes> = store.open(digest, range).await?.try_collect().await?;
     Ok(chunks.concat().into())
+}
+
+/// The bytes of the file region [`Store::open_file`] hands out (read at its offset, as
+/// `sendfile` would), or `None` when the store hands out no file.
+async fn read_file<S: Store>(
+    store: &S,
+    digest: &Digest,
+    range: Option<ByteRange>,
+) -> Result<Option<Bytes>, StoreError> {
+    use std::os::unix::fs::FileExt;
+    let Some(f) = store.open_file(digest, range).await? else {
+        return Ok(None);
+    };
+    let len = usize::try_from(f.len).map_err(|_| StoreError::unavailable("region too large"))?;
+    let mut buf = vec![0u8; len];
+    // Small fixture content: a blocking read is fine in a test suite.
+    f.file.read_exact_at(&mut buf, f.offset)?;
+    Ok(Some(buf.into()))
 }
 
 async fn bounded<T>(fut: impl Future<Output = T>) -> Result<T, String> {

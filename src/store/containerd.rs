@@ -23,7 +23,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -42,15 +41,15 @@ use containerd_client::types::Envelope;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::io::ReaderStream;
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
-use super::{ContentStream, Descriptor, Image, Store, StoreError, StoreEvent};
+use super::{
+    ContentFile, ContentStream, Descriptor, Image, Store, StoreError, StoreEvent, exact_length,
+};
 use crate::oci::{ByteRange, Digest, media};
 
 /// The gRPC metadata header containerd reads the namespace from (containerd
@@ -68,10 +67,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// containerd's own client raises the receive limit to 16 MiB (`defaults.DefaultMaxRecvMsgSize`)
 /// because `images.List` on a busy node is larger than tonic's 4 MiB default.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-
-/// Read buffer of the file fast path: big enough that a 1 GB layer is a few thousand reads,
-/// small enough that hundreds of concurrent streams stay in the tens of MiB.
-const FILE_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Content up to this size is read whole to detect its type (one read: manifests, indexes and
 /// configs are almost always smaller). Larger content, up to `MAX_MANIFEST_BYTES`, is first
@@ -279,20 +274,8 @@ impl ContainerdStore {
         if len == 0 {
             return Ok(futures::stream::empty().boxed());
         }
-        if let Some(dir) = &self.content_dir {
-            let path = blob_path(dir, digest);
-            match open_file(&path, size, offset).await {
-                Ok(file) => {
-                    let stream = ReaderStream::with_capacity(file.take(len), FILE_CHUNK_BYTES);
-                    return Ok(exact_length(stream.boxed(), len));
-                }
-                // Absent or unreadable (another mount, GC in progress, permissions): gRPC
-                // still works, so the fast path only ever costs a failed open.
-                Err(e) => {
-                    tracing::debug!(digest = %digest, path = %path.display(), error = %e,
-                        "content file not usable, reading through containerd");
-                }
-            }
+        if let Some(file) = self.content_file(digest, size, offset, len).await {
+            return Ok(file.stream()?);
         }
         let req = self.request(ReadContentRequest {
             digest: digest.to_string(),
@@ -311,6 +294,34 @@ impl ContainerdStore {
             .map_ok(|chunk| Bytes::from(chunk.data))
             .map_err(|s| std::io::Error::other(format!("containerd content.Read: {s}")));
         Ok(exact_length(stream.boxed(), len))
+    }
+
+    /// The content file for `len` bytes of `digest` from `offset`, when `content_dir` is set
+    /// and the file is there with the size containerd reported. `None` otherwise: absent or
+    /// unreadable (another mount, GC in progress, permissions) costs only a failed open,
+    /// because gRPC still works.
+    async fn content_file(
+        &self,
+        digest: &Digest,
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Option<ContentFile> {
+        let path = blob_path(self.content_dir.as_ref()?, digest);
+        let opened = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || open_checked(&path, size)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match opened {
+            Ok(file) => Some(ContentFile { file, offset, len }),
+            Err(e) => {
+                tracing::debug!(digest = %digest, path = %path.display(), error = %e,
+                    "content file not usable, reading through containerd");
+                None
+            }
+        }
     }
 
     async fn read_all(&self, digest: &Digest, size: u64, len: u64) -> Result<Bytes, StoreError> {
@@ -416,6 +427,22 @@ impl Store for ContainerdStore {
         };
         let (offset, len) = span(size, range);
         self.stream(digest, size, offset, len).await
+    }
+
+    async fn open_file(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ContentFile>, StoreError> {
+        if self.content_dir.is_none() {
+            return Ok(None);
+        }
+        // The namespace check comes first, as for `open`: the file alone says nothing about it.
+        let Some(size) = self.size(digest).await? else {
+            return Err(StoreError::NotFound(digest.clone()));
+        };
+        let (offset, len) = span(size, range);
+        Ok(self.content_file(digest, size, offset, len).await)
     }
 
     async fn watch(&self) -> Result<BoxStream<'static, StoreEvent>, StoreError> {
@@ -547,51 +574,17 @@ fn blob_path(content_dir: &Path, digest: &Digest) -> PathBuf {
         .join(digest.hex())
 }
 
-/// Opens a content file positioned at `offset`, refusing a file whose length is not the size
-/// containerd reported (a half-written or foreign file must not be served).
-async fn open_file(path: &Path, size: u64, offset: u64) -> std::io::Result<tokio::fs::File> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let len = file.metadata().await?.len();
+/// Opens a content file, refusing one whose length is not the size containerd reported (a
+/// half-written or foreign file must not be served). Blocking: run it off the runtime.
+fn open_checked(path: &Path, size: u64) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
     if len != size {
         return Err(std::io::Error::other(format!(
             "file is {len} bytes, containerd says {size}"
         )));
     }
-    if offset > 0 {
-        file.seek(SeekFrom::Start(offset)).await?;
-    }
     Ok(file)
-}
-
-/// Passes exactly `len` bytes through: extra bytes are cut, and a stream that ends early ends
-/// with an `UnexpectedEof` error so that a short body is never mistaken for a whole one.
-fn exact_length(stream: ContentStream, len: u64) -> ContentStream {
-    futures::stream::unfold(
-        (stream, len, false),
-        |(mut stream, remaining, done)| async move {
-            if done || remaining == 0 {
-                return None;
-            }
-            match stream.next().await {
-                Some(Ok(mut chunk)) => {
-                    if chunk.len() as u64 > remaining {
-                        chunk.truncate(remaining as usize);
-                    }
-                    let left = remaining - chunk.len() as u64;
-                    Some((Ok(chunk), (stream, left, false)))
-                }
-                Some(Err(e)) => Some((Err(e), (stream, remaining, true))),
-                None => Some((
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("content ended {remaining} bytes early"),
-                    )),
-                    (stream, remaining, true),
-                )),
-            }
-        },
-    )
-    .boxed()
 }
 
 /// Runs a containerd call with [`CALL_TIMEOUT`]. Only for calls whose response headers come

@@ -1,7 +1,9 @@
 //! The `Store` seam: read-only access to the content a node already holds.
 //!
 //! The daemon never writes to containerd; it lists images, resolves tags to digests, describes
-//! content (size and media type) and streams it, optionally from an offset. Two
+//! content (size and media type) and streams it, optionally from an offset; a store whose
+//! content lives in plain files can also hand out the file itself ([`Store::open_file`]), so
+//! the registry can let the kernel send it (`sendfile(2)`). Two
 //! implementations: [`containerd::ContainerdStore`] (the real one) and
 //! [`memory::MemoryStore`] (the twin for unit tests). [`conformance`] holds the one suite both
 //! must pass. Which content belongs to which image ([`closure`]) is computed here, once, for
@@ -15,12 +17,78 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::stream::BoxStream;
 
 use crate::oci::{ByteRange, Digest, Reference, media};
 
 /// A stream of content bytes.
 pub type ContentStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// One byte range of a content file, opened: what [`Store::open_file`] hands out so that the
+/// bytes can go from the page cache to a socket without passing through user space.
+#[derive(Debug)]
+pub struct ContentFile {
+    pub file: std::fs::File,
+    /// Where the range starts in the file.
+    pub offset: u64,
+    /// Bytes in the range (the file holds at least `offset + len`).
+    pub len: u64,
+}
+
+impl ContentFile {
+    /// The same bytes as a stream, for writers that cannot send a file (hyper). Reads the
+    /// file in [`FILE_CHUNK_BYTES`] chunks on tokio's blocking pool, and ends with an error if
+    /// the file turns out shorter than `len`. The file's position is the stream's, so a
+    /// `ContentFile` is either streamed or sent, never both.
+    pub fn stream(self) -> std::io::Result<ContentStream> {
+        use std::io::{Seek, SeekFrom};
+        use tokio::io::AsyncReadExt;
+        let mut file = self.file;
+        if self.len == 0 {
+            return Ok(futures::stream::empty().boxed());
+        }
+        file.seek(SeekFrom::Start(self.offset))?;
+        let reader = tokio::fs::File::from_std(file).take(self.len);
+        let stream = tokio_util::io::ReaderStream::with_capacity(reader, FILE_CHUNK_BYTES);
+        Ok(exact_length(stream.boxed(), self.len))
+    }
+}
+
+/// Read buffer when content files are streamed: big enough that a 1 GB layer is a few
+/// thousand reads, small enough that hundreds of concurrent streams stay in the tens of MiB.
+pub const FILE_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Passes exactly `len` bytes through: extra bytes are cut, and a stream that ends early ends
+/// with an `UnexpectedEof` error so that a short body is never mistaken for a whole one.
+pub fn exact_length(stream: ContentStream, len: u64) -> ContentStream {
+    futures::stream::unfold(
+        (stream, len, false),
+        |(mut stream, remaining, done)| async move {
+            if done || remaining == 0 {
+                return None;
+            }
+            match stream.next().await {
+                Some(Ok(mut chunk)) => {
+                    if chunk.len() as u64 > remaining {
+                        chunk.truncate(remaining as usize);
+                    }
+                    let left = remaining - chunk.len() as u64;
+                    Some((Ok(chunk), (stream, left, false)))
+                }
+                Some(Err(e)) => Some((Err(e), (stream, remaining, true))),
+                None => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("content ended {remaining} bytes early"),
+                    )),
+                    (stream, remaining, true),
+                )),
+            }
+        },
+    )
+    .boxed()
+}
 
 /// Size and media type of one piece of content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +187,18 @@ pub trait Store: Send + Sync + 'static {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<ContentStream, StoreError>;
+
+    /// The content file behind `digest` (all of it or one range), when the content lives in
+    /// a plain file this process can open; `Ok(None)` when it does not (the caller then uses
+    /// [`Store::open`]). `NotFound` when absent. Stores without files keep the default.
+    async fn open_file(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<ContentFile>, StoreError> {
+        let _ = (digest, range);
+        Ok(None)
+    }
 
     /// Image events. The stream ends when the connection to the backing store breaks; the
     /// caller re-subscribes (and reconciles, because events may have been missed).
