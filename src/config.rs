@@ -74,6 +74,12 @@ pub struct RegistryConfig {
     /// and its connection closed, so a client that stops reading cannot hold a task.
     #[serde(with = "humantime_serde")]
     pub write_stall_timeout: Duration,
+    /// A connection that has not delivered a complete request head this long after it opened
+    /// or after its last response is closed (idle keep-alive connections, trickling clients).
+    /// Keep it above the clients' own idle-connection timeouts (90 s for containerd and the
+    /// daemons), so they close first.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl RegistryConfig {
@@ -82,6 +88,7 @@ impl RegistryConfig {
         crate::registry::listen::ServeOptions {
             sendfile: self.sendfile,
             write_stall: self.write_stall_timeout,
+            idle: self.idle_timeout,
         }
     }
 }
@@ -94,6 +101,7 @@ impl Default for RegistryConfig {
             drain_grace: Duration::from_secs(20),
             sendfile: true,
             write_stall_timeout: crate::registry::listen::DEFAULT_WRITE_STALL,
+            idle_timeout: crate::registry::listen::DEFAULT_IDLE,
         }
     }
 }
@@ -288,6 +296,11 @@ impl Config {
             || self.registry.write_stall_timeout > Duration::from_secs(3600)
         {
             errors.push("registry.write_stall_timeout must be between 1s and 1h".to_owned());
+        }
+        if self.registry.idle_timeout < Duration::from_secs(1)
+            || self.registry.idle_timeout > Duration::from_secs(3600)
+        {
+            errors.push("registry.idle_timeout must be between 1s and 1h".to_owned());
         }
         errors
     }
@@ -511,24 +524,34 @@ mod tests {
     }
 
     #[test]
-    fn sendfile_switch_and_stall_timeout() {
-        // (name, environment, want: Ok((sendfile, stall seconds)) or Err(text in the error))
+    fn sendfile_switch_and_connection_timeouts() {
+        // (name, environment, want: Ok((sendfile, stall s, idle s)) or Err(text in the error))
         type Case<'a> = (
             &'a str,
             Vec<(&'a str, &'a str)>,
-            Result<(bool, u64), &'a str>,
+            Result<(bool, u64, u64), &'a str>,
         );
         let cases: Vec<Case> = vec![
-            ("default", vec![], Ok((true, 60))),
+            ("default", vec![], Ok((true, 60, 120))),
             (
                 "env off",
                 vec![("SPECULUM_REGISTRY_SENDFILE", "false")],
-                Ok((false, 60)),
+                Ok((false, 60, 120)),
             ),
             (
                 "stall from env",
                 vec![("SPECULUM_REGISTRY_WRITE_STALL_TIMEOUT", "5s")],
-                Ok((true, 5)),
+                Ok((true, 5, 120)),
+            ),
+            (
+                "idle from env",
+                vec![("SPECULUM_REGISTRY_IDLE_TIMEOUT", "5m")],
+                Ok((true, 60, 300)),
+            ),
+            (
+                "idle too long",
+                vec![("SPECULUM_REGISTRY_IDLE_TIMEOUT", "2h")],
+                Err("registry.idle_timeout"),
             ),
             (
                 "stall too short",
@@ -543,10 +566,11 @@ mod tests {
         ];
         for (name, vars, want) in cases {
             match (load(None, env(&vars), &[]), want) {
-                (Ok(cfg), Ok((sendfile, stall))) => {
+                (Ok(cfg), Ok((sendfile, stall, idle))) => {
                     let o = cfg.registry.serve_options();
                     assert_eq!(o.sendfile, sendfile, "{name}");
                     assert_eq!(o.write_stall, Duration::from_secs(stall), "{name}");
+                    assert_eq!(o.idle, Duration::from_secs(idle), "{name}");
                 }
                 (Err(e), Err(needle)) => {
                     assert!(e.to_string().contains(needle), "{name}: {e}");

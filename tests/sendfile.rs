@@ -655,3 +655,55 @@ async fn a_file_out_of_the_page_cache_is_read_off_the_runtime_and_sent_whole() {
         "range"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_trickling_connections_are_closed_after_the_idle_timeout() {
+    let f = fixture().await;
+    for (mode, options) in [("sendfile on", on()), ("sendfile off (hyper)", off())] {
+        let s = server(
+            &f,
+            ServeOptions {
+                idle: Duration::from_secs(1),
+                ..options
+            },
+        )
+        .await;
+        // Silent from the start: never sends a byte.
+        let mut silent = Conn::open(s.addr).await;
+        // Trickling: a head that never completes, one byte at a time.
+        let mut trickle = Conn::open(s.addr).await;
+        trickle.send("GET /v2/ HTTP/1.1\r\nX-Slow: ").await;
+        // Kept alive after one answered request, then idle.
+        let mut idle = Conn::open(s.addr).await;
+        idle.send(&get("/v2/", "")).await;
+        assert_eq!(idle.reply(false).await.status, 200, "{mode}: served first");
+        let trickler = tokio::spawn(async move {
+            // Bounded: 40 bytes, well past the 1 s bound, stops at the first failed write.
+            for _ in 0..40 {
+                if trickle.stream.write_all(b"a").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(POLL * 5).await;
+            }
+            trickle
+        });
+        assert!(
+            silent.closed().await,
+            "{mode}: a silent connection is closed"
+        );
+        assert!(
+            idle.closed().await,
+            "{mode}: an idle keep-alive connection is closed"
+        );
+        let mut trickle = trickler.await.expect("trickler");
+        assert!(trickle.closed().await, "{mode}: a trickled head is cut off");
+        // A client that asks in time is served as usual.
+        let mut prompt = Conn::open(s.addr).await;
+        prompt.send(&get("/v2/", "")).await;
+        assert_eq!(
+            prompt.reply(false).await.status,
+            200,
+            "{mode}: prompt client served"
+        );
+    }
+}

@@ -297,7 +297,8 @@ async fn the_serving_node_refuses_every_attack_and_audits_it() {
     let foreign = format!("/v2/team/app/blobs/{}", w.foreign);
     let web = |t: &str| format!("team-a/web {t}");
     // (name, token, grants, path, status, audit reason)
-    let cases: Vec<(&str, Option<&str>, Vec<String>, &str, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<String>, &'a str, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("no token", None, vec![], &layer, 401, "peer auth: no_token"),
         (
             "forged token",

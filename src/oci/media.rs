@@ -138,7 +138,7 @@ mod tests {
             ),
             (
                 "index by shape",
-                format!(r#"{{"schemaVersion":2,"manifests":[]}}"#),
+                r#"{"schemaVersion":2,"manifests":[]}"#.to_string(),
                 OCI_INDEX,
             ),
             (

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 use super::RegistryError;
-use super::listen::{MAX_HEADER_BYTES, MAX_HEADERS, check_headers};
+use super::listen::{MAX_HEADER_BYTES, MAX_HEADERS, ServeOptions, check_headers};
 use super::serve::{FileBody, FileSend};
 
 /// Most bytes of a request line (method, target, version). containerd's longest are a few
@@ -88,21 +88,25 @@ enum Parsed {
 }
 
 /// Serves requests on `stream` until it closes, `stop` turns true while no request is in
-/// flight, or a request needs hyper. `write_stall` bounds every wait for the socket to take
-/// more bytes.
+/// flight, or a request needs hyper. `options.write_stall` bounds every wait for the socket to
+/// take more bytes; `options.idle` bounds the wait for each complete request head.
 pub(super) async fn serve(
     stream: &mut TcpStream,
     client: SocketAddr,
     app: &axum::Router,
     stop: &mut watch::Receiver<bool>,
-    write_stall: Duration,
+    options: ServeOptions,
 ) -> Ended {
+    let write_stall = options.write_stall;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         // Draining: requests already pipelined behind the last response are not started.
         if *stop.borrow() {
             return Ended::Closed;
         }
+        // The whole next head must arrive by then (from the connection's start or the end
+        // of the previous response), however its bytes trickle in.
+        let head_deadline = tokio::time::Instant::now() + options.idle;
         let parsed = loop {
             if !buf.is_empty() {
                 match parse(&buf) {
@@ -119,6 +123,10 @@ pub(super) async fn serve(
                 r = stream.read_buf(&mut buf) => r,
                 // Between requests (or inside a half-sent head) nothing is in flight: close.
                 () = stopped(stop) => return Ended::Closed,
+                () = tokio::time::sleep_until(head_deadline) => {
+                    tracing::debug!(client.addr = %client, "no complete request head within the idle timeout; closing");
+                    return Ended::Closed;
+                }
             };
             match read {
                 Ok(0) | Err(_) => return Ended::Closed,

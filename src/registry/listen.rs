@@ -57,7 +57,8 @@ pub const HYPER_MAX_BUF: usize = 1024 * 1024;
 /// this long before accepting again instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// How a listener serves its connections (`registry.sendfile`, `registry.write_stall_timeout`).
+/// How a listener serves its connections (`registry.sendfile`, `registry.write_stall_timeout`,
+/// `registry.idle_timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeOptions {
     /// Serve `GET`/`HEAD` with [`super::http1`] (blob bodies from content files with
@@ -66,6 +67,10 @@ pub struct ServeOptions {
     /// With `sendfile`: a response whose bytes make no progress for this long is abandoned
     /// and its connection closed (a client that stops reading must not pin a task).
     pub write_stall: Duration,
+    /// A connection gets this long, after it opens or after its last response, to deliver a
+    /// complete request head; then it is closed. Bounds what an idle or trickling client
+    /// (slowloris) holds: one descriptor and at most one head's buffer, for this long.
+    pub idle: Duration,
 }
 
 /// The default of `registry.write_stall_timeout`: far beyond any pause of a client that is
@@ -73,11 +78,17 @@ pub struct ServeOptions {
 /// a vanished client is noticed well before file descriptors run out.
 pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
 
+/// The default of `registry.idle_timeout`: above the idle-connection timeouts of the clients
+/// (Go's `http.Transport` in containerd and reqwest in the daemons both use 90 s), so a client
+/// normally closes its idle connection first and never sends a request into one we close.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(120);
+
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             sendfile: true,
             write_stall: DEFAULT_WRITE_STALL,
+            idle: DEFAULT_IDLE,
         }
     }
 }
@@ -103,7 +114,10 @@ where
 {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.max_headers(HYPER_MAX_HEADERS)
-        .max_buf_size(HYPER_MAX_BUF);
+        .max_buf_size(HYPER_MAX_BUF)
+        // hyper's own bound for a request head, on the connections it serves.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(options.idle);
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a sender; `recv` returns `None` once all are gone.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
@@ -128,8 +142,7 @@ where
         tokio::spawn(async move {
             let _open = open;
             let read = if options.sendfile {
-                match http1::serve(&mut stream, client, &app, &mut stop, options.write_stall).await
-                {
+                match http1::serve(&mut stream, client, &app, &mut stop, options).await {
                     Ended::Closed => return,
                     Ended::Handoff(read) => read,
                 }

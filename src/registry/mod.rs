@@ -704,7 +704,14 @@ mod tests {
     #[test]
     fn request_table() {
         let d = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-        let cases: Vec<(&str, Method, String, Option<&str>, Result<Option<&str>, ()>)> = vec![
+        type Case<'a> = (
+            &'a str,
+            Method,
+            String,
+            Option<&'a str>,
+            Result<Option<&'a str>, ()>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "ns decoded",
                 Method::GET,

@@ -404,7 +404,8 @@ mod tests {
 
     #[test]
     fn presented_header_table() {
-        let cases: &[(&str, &str, Option<(&str, &str, &str)>)] = &[
+        type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str, &'a str)>);
+        let cases: &[Case] = &[
             (
                 "good",
                 "team-a/web-1 aaa.bbb.ccc",

@@ -724,7 +724,8 @@ mod tests {
         let private = PrivatePrefixes(vec!["r.io/private/".into()]);
         let p = |repo, d, e| cand("r.io", repo, d, e);
         // (name, kind, operation, candidates, want)
-        let cases: Vec<(&str, &str, &str, Vec<Candidate>, Vec<Verdict>)> = vec![
+        type Case<'a> = (&'a str, &'a str, &'a str, Vec<Candidate>, Vec<Verdict>);
+        let cases: Vec<Case> = vec![
             (
                 "private, own credential",
                 "Pod",

@@ -539,6 +539,10 @@ async fn webhook_pins_workloads_created_through_the_api_server() {
 /// Registers `speculum-webhook serve --config <config>` (the configuration it prints, with the
 /// URL of this process) and waits (bounded) until a dry-run Pod of `probe_image` in
 /// `probe_ns` comes back pinned.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one caller; the paths and the probe are what differs between runs"
+)]
 async fn start_webhook(
     client: &kube::Client,
     cp: &k8s::ControlPlane,
