@@ -128,14 +128,14 @@ struct Node {
 
 /// A mirror endpoint whose router returns `peers` for each key.
 async fn mirror_node(peers: HashMap<String, Vec<Peer>>, config: MirrorConfig) -> Node {
+    mirror_node_on(MemoryRouter::with_static(peers), config).await
+}
+
+/// A mirror endpoint on `router`.
+async fn mirror_node_on(router: MemoryRouter, config: MirrorConfig) -> Node {
     let store = Arc::new(MemoryStore::new());
     let metrics = Metrics::new();
-    let mirror = Mirror::new(
-        Arc::new(MemoryRouter::with_static(peers)),
-        config,
-        metrics.clone(),
-    )
-    .expect("client");
+    let mirror = Mirror::new(Arc::new(router), config, metrics.clone()).expect("client");
     let addr = spawn(registry::app(RegistryState {
         store: store.clone(),
         mirror: Some(Arc::new(mirror)),
@@ -448,6 +448,49 @@ async fn mirror_skips_bad_peers_until_a_good_one() {
             "speculum_served_bytes_total{handler=\"Mirror\",source=\"Peer\"}"
         ),
         content.len() as f64
+    );
+}
+
+#[tokio::test]
+async fn a_slow_lookup_still_finds_a_blob_but_a_manifest_goes_upstream() {
+    let held = Arc::new(MemoryStore::new());
+    let content = blob(50_000);
+    let layer = held.add_blob(content.clone());
+    let config = held.add_blob(b"{}".to_vec());
+    let manifest = held.add_blob(manifest_for(&config, &layer, content.len()).into_bytes());
+    let good = good_peer(held).await;
+    let router = MemoryRouter::with_static([
+        (layer.to_string(), vec![peer("good", good)]),
+        (manifest.to_string(), vec![peer("good", good)]),
+    ]);
+    // Slower than the manifest budget, well inside the blob budget (defaults 20 / 250 ms).
+    router.set_lookup_delay(Duration::from_millis(100));
+    let defaults = MirrorConfig::default();
+    assert!(defaults.resolve_timeout < Duration::from_millis(100));
+    assert!(defaults.blob_resolve_timeout > Duration::from_millis(100));
+    let node = mirror_node_on(router, quick()).await;
+    let r = client()
+        .get(format!(
+            "http://{}/v2/rig/app/blobs/{layer}?ns={NS}",
+            node.addr
+        ))
+        .send()
+        .await
+        .expect("get blob");
+    assert_eq!(r.status(), 200, "the blob waits for the slow lookup");
+    assert_eq!(r.bytes().await.expect("body").as_ref(), content.as_slice());
+    let r = client()
+        .get(format!(
+            "http://{}/v2/rig/app/manifests/{manifest}?ns={NS}",
+            node.addr
+        ))
+        .send()
+        .await
+        .expect("get manifest");
+    assert_eq!(
+        r.status(),
+        404,
+        "the manifest does not: containerd goes upstream at once"
     );
 }
 

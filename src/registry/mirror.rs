@@ -28,9 +28,16 @@ use crate::routing::{Peer, Router};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MirrorConfig {
-    /// How long to wait for the lookup to find a first (and each further) peer.
+    /// How long to wait for the lookup to find a first (and each further) peer of a
+    /// manifest: every pull starts with one, so a miss must go upstream at once.
     #[serde(with = "humantime_serde")]
     pub resolve_timeout: Duration,
+    /// The same wait for a blob. Longer, because the two mistakes cost differently: waiting
+    /// costs at most this once per layer, while giving up too early sends a whole layer
+    /// through the upstream link. A lookup that ends (nobody has it) answers at once either
+    /// way; only a slow walk (a busy node, many lookups at once) waits longer.
+    #[serde(with = "humantime_serde")]
+    pub blob_resolve_timeout: Duration,
     /// How many peers to try for one request (also the resume budget of a blob stream).
     pub attempts: usize,
     /// Overall time limit for fetching a manifest from peers.
@@ -49,6 +56,7 @@ impl Default for MirrorConfig {
     fn default() -> Self {
         MirrorConfig {
             resolve_timeout: Duration::from_millis(20),
+            blob_resolve_timeout: Duration::from_millis(250),
             attempts: 3,
             manifest_deadline: Duration::from_secs(5),
             connect_timeout: Duration::from_millis(500),
@@ -65,6 +73,7 @@ impl MirrorConfig {
         }
         for (name, d) in [
             ("resolve_timeout", self.resolve_timeout),
+            ("blob_resolve_timeout", self.blob_resolve_timeout),
             ("manifest_deadline", self.manifest_deadline),
             ("connect_timeout", self.connect_timeout),
             ("read_timeout", self.read_timeout),
@@ -126,7 +135,11 @@ impl Mirror {
                 return Ok(None);
             }
         };
-        let mut peers = PeerQueue::new(rx, self.config.resolve_timeout);
+        let wait = match req.path.kind {
+            Kind::Blob => self.config.blob_resolve_timeout,
+            _ => self.config.resolve_timeout,
+        };
+        let mut peers = PeerQueue::new(rx, wait);
         let deadline = tokio::time::Instant::now() + self.config.manifest_deadline;
         for attempt in 0..self.config.attempts {
             let Some(peer) = peers.next().await else {
