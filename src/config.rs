@@ -76,8 +76,8 @@ pub struct RegistryConfig {
     pub write_stall_timeout: Duration,
     /// A connection that has not delivered a complete request head this long after it opened
     /// or after its last response is closed (idle keep-alive connections, trickling clients).
-    /// Keep it above the clients' own idle-connection timeouts (90 s for containerd and the
-    /// daemons), so they close first.
+    /// Keep it above the clients' own idle-connection timeouts (90 s for containerd, 30 s for
+    /// the daemons' peer client), so they close first.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }

@@ -79,8 +79,9 @@ pub struct ServeOptions {
 pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
 
 /// The default of `registry.idle_timeout`: above the idle-connection timeouts of the clients
-/// (Go's `http.Transport` in containerd and reqwest in the daemons both use 90 s), so a client
-/// normally closes its idle connection first and never sends a request into one we close.
+/// (90 s in containerd's Go `http.Transport`; 30 s in the daemons' own peer client, see
+/// `mirror.rs`), so a client normally closes its idle connection first and never sends a
+/// request into one we close.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(120);
 
 impl Default for ServeOptions {
