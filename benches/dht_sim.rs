@@ -13,7 +13,10 @@
 //! `cargo bench --bench dht_sim`. Knobs (environment): `SIM_NODES` (100), `SIM_SMALL` (5, the
 //! peer-lookup cluster), `SIM_KEYS` (10000 per advertising node), `SIM_ADVERTISERS` (2),
 //! `SIM_LOOKUPS` (300), `SIM_HOPS` (cluster sizes for the hop count, "25 50 100"; empty: skip),
-//! `SIM_DEADLINE_S` (300, the whole run), `BENCH_OUT` (writes
+//! `SIM_REPUBLISH` (0; 1: in the hop clusters, once every key is findable, withdraw and
+//! advertise every key again before timing — what the republish interval does in a running
+//! cluster, once the routing tables have settled), `SIM_DEADLINE_S` (300, the whole run),
+//! `BENCH_OUT` (writes
 //! `dht_sim.json` there). Every wait is a bounded poll; the run ends at the deadline whatever
 //! is left, saying so.
 
@@ -201,20 +204,37 @@ async fn hop_cluster(
     }
     // Findable from a non-owner before timing (bounded: a key still missing after a minute
     // shows up as a failed lookup below instead of eating the run).
-    let ready_by = deadline.min(Instant::now() + Duration::from_secs(60));
-    for n in 0..owners {
-        for i in 0..5 {
-            while Instant::now() < ready_by
-                && tokio::time::timeout(
-                    Duration::from_secs(3),
-                    lookup_first(&nodes[size - 1].router, &key(n, i)),
-                )
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-            {}
+    let findable = |nodes: &[SimNode]| {
+        let ready_by = deadline.min(Instant::now() + Duration::from_secs(60));
+        let from = nodes[size - 1].router.clone();
+        async move {
+            for n in 0..owners {
+                for i in 0..5 {
+                    while Instant::now() < ready_by
+                        && tokio::time::timeout(
+                            Duration::from_secs(3),
+                            lookup_first(&from, &key(n, i)),
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_none()
+                    {}
+                }
+            }
         }
+    };
+    findable(&nodes).await;
+    // The records went to the closest nodes each owner knew right after start-up; a second
+    // publication, with the routing tables settled, places them as a republish would.
+    let republished = std::env::var("SIM_REPUBLISH").is_ok_and(|v| v == "1");
+    if republished {
+        for (n, node) in nodes.iter().enumerate().take(owners) {
+            let keys: Vec<String> = (0..5).map(|i| key(n, i)).collect();
+            node.router.withdraw(keys.clone()).await?;
+            node.router.advertise(keys).await?;
+        }
+        findable(&nodes).await;
     }
     let drain = |nodes: &[SimNode]| -> Vec<LookupCost> {
         nodes
@@ -223,6 +243,9 @@ async fn hop_cluster(
             .collect()
     };
     drain(&nodes);
+    let unreachable =
+        |nodes: &[SimNode]| -> u64 { nodes.iter().map(|n| n.router.declared_unreachable()).sum() };
+    let unreachable_before = unreachable(&nodes);
     let mut rng = rand::rng();
     let (mut hit, mut failed) = (Vec::new(), 0);
     // Why a lookup failed: its walk ended without a verified provider, or the 3 s bound hit.
@@ -250,6 +273,8 @@ async fn hop_cluster(
             }
         }
     }
+    // Peers some node gave up on (ping silence, no `has` answer) while the lookups ran.
+    let unreachable_during = unreachable(&nodes) - unreachable_before;
     // A lookup ends (and stops its walk) once it has verified a provider; its final kad event
     // follows a moment later: poll (bounded) until every lookup's cost is in.
     let wanted = hit.len() + failed;
@@ -290,6 +315,9 @@ async fn hop_cluster(
         "answered_from_own_store": local,
         "failed_walk_ended_empty": ended_empty,
         "failed_timed_out": timed_out,
+        "republished_before_lookups": republished,
+        "peers_marked_unreachable_during_lookups": unreachable_during,
+        "peers_marked_unreachable_total": unreachable(&nodes),
         "requests_whole_walk": count_summary(&mut total),
         "lookup_miss": summary(&format!("hops, {size} nodes: lookup of a key nobody has"), &mut miss, 0),
         "requests_miss_walk": count_summary(&mut miss_requests),

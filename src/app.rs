@@ -297,6 +297,11 @@ async fn health(
         if failures > seen {
             metrics.handshake_failures.inc_by(failures - seen);
         }
+        let unreachable = router.declared_unreachable();
+        let seen = metrics.peers_unreachable.get();
+        if unreachable > seen {
+            metrics.peers_unreachable.inc_by(unreachable - seen);
+        }
         if router.ready() {
             readiness.release("routing");
         } else {

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub peers: Gauge,
     /// Inbound DHT connections that failed the handshake (no or another pre-shared key).
     pub handshake_failures: Counter,
+    /// Peers marked unreachable (silent on ping, or no answer to `has`).
+    pub peers_unreachable: Counter,
     pub ready: Gauge,
     /// Decisions, evaluation latency, reloads (`speculum_policy_*`).
     pub policy: crate::policy::PolicyMetrics,
@@ -187,6 +189,12 @@ impl Metrics {
             "Inbound DHT connections that failed before authentication (no or another pre-shared key, scanners)",
             handshake_failures.clone(),
         );
+        let peers_unreachable = Counter::default();
+        registry.register(
+            "routing_peers_unreachable",
+            "Peers marked unreachable and left out of lookups for a while: silent on ping, or no answer to a has request",
+            peers_unreachable.clone(),
+        );
         let ready = Gauge::default();
         registry.register("ready", "1 when the daemon reports ready", ready.clone());
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
@@ -205,6 +213,7 @@ impl Metrics {
             advertised_keys,
             peers,
             handshake_failures,
+            peers_unreachable,
             ready,
             policy,
             audit,

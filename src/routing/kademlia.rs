@@ -71,6 +71,13 @@ pub const IDENTITY_FILE: &str = "identity.key";
 /// How many provider announcements run at once; the rest wait in a queue, so advertising
 /// tens of thousands of blobs at start-up does not open tens of thousands of queries.
 const MAX_PUBLISHING: usize = 32;
+/// The first republish comes this soon after start (then every `republish_interval`). What a
+/// node announces right after start-up lands on the closest nodes its routing table knew
+/// *then*; while a whole DaemonSet starts at once those are often not the cluster's closest,
+/// and lookups converging on the true closest find nothing until the next republish
+/// (BENCHMARKS.md §5, the `SIM_REPUBLISH` runs: 140 → 200 of 200 lookups found). One early
+/// republish, once the tables have settled, costs one more announcement of each key per start.
+const EARLY_REPUBLISH: Duration = Duration::from_secs(120);
 /// A peer whose `has` request failed is not asked again for this long (unless it reconnects).
 const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 /// How often lookups past their deadline are ended.
@@ -438,6 +445,8 @@ struct Shared {
     peers: AtomicUsize,
     advertised: AtomicUsize,
     handshake_failures: AtomicU64,
+    /// Peers given up on while connected: silent on ping, or failing a `has` request.
+    declared_unreachable: AtomicU64,
     // A std Mutex: it is never held across an `.await`.
     listen_addrs: Mutex<Vec<Multiaddr>>,
     lookup_costs: Mutex<LookupCosts>,
@@ -547,6 +556,7 @@ where
         peers: AtomicUsize::new(0),
         advertised: AtomicUsize::new(0),
         handshake_failures: AtomicU64::new(0),
+        declared_unreachable: AtomicU64::new(0),
         listen_addrs: Mutex::new(vec![first]),
         lookup_costs: Mutex::default(),
     });
@@ -648,6 +658,14 @@ impl KademliaRouter {
     /// `speculum_routing_handshake_failures_total`).
     pub fn handshake_failures(&self) -> u64 {
         self.shared.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    /// How often a peer was marked unreachable — its connection went silent (ping) or it did
+    /// not answer a `has` request — and so left out of lookups for a while (metric
+    /// `speculum_routing_peers_unreachable_total`). A busy or flapping network shows here
+    /// before it shows as mirror misses.
+    pub fn declared_unreachable(&self) -> u64 {
+        self.shared.declared_unreachable.load(Ordering::Relaxed)
     }
 
     /// Number of keys this node advertises (metric `speculum_routing_advertised_keys`).
@@ -834,8 +852,10 @@ impl Node {
         let bootstrap_timer: Sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(bootstrap_timer);
         let republish_every = self.config.republish_interval;
-        let mut republish =
-            tokio::time::interval_at(Instant::now() + republish_every, republish_every);
+        let mut republish = tokio::time::interval_at(
+            Instant::now() + EARLY_REPUBLISH.min(republish_every),
+            republish_every,
+        );
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commands_open = true;
@@ -1113,7 +1133,7 @@ impl Node {
                 ..
             } => {
                 debug!(peer.id = %peer, error = %error, "provider did not answer has");
-                self.unreachable.insert(peer, Instant::now());
+                self.mark_unreachable(peer);
                 if let Some((id, _)) = self.verifying.remove(&request_id) {
                     if let Some(lookup) = self.lookups.get_mut(&id) {
                         lookup.verifying -= 1;
@@ -1641,7 +1661,15 @@ impl Node {
     fn declare_dead(&mut self, peer: PeerId, connection: ConnectionId) {
         let _ = self.swarm.close_connection(connection);
         self.swarm.behaviour_mut().kad.remove_peer(&peer);
+        self.mark_unreachable(peer);
+    }
+
+    /// Leaves `peer` out of lookups for `UNREACHABLE_FOR` (until it connects again), counted.
+    fn mark_unreachable(&mut self, peer: PeerId) {
         self.unreachable.insert(peer, Instant::now());
+        self.shared
+            .declared_unreachable
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     // ----- bootstrap -----
