@@ -75,7 +75,7 @@ const MAX_PUBLISHING: usize = 32;
 /// node announces right after start-up lands on the closest nodes its routing table knew
 /// *then*; while a whole DaemonSet starts at once those are often not the cluster's closest,
 /// and lookups converging on the true closest find nothing until the next republish
-/// (BENCHMARKS.md §5, the `SIM_REPUBLISH` runs: 140 → 200 of 200 lookups found). One early
+/// (BENCHMARKS.md §3, the `SIM_REPUBLISH` runs: 140 → 200 of 200 lookups found). One early
 /// republish, once the tables have settled, costs one more announcement of each key per start.
 const EARLY_REPUBLISH: Duration = Duration::from_secs(120);
 /// A peer whose `has` request failed is not asked again for this long (unless it reconnects).
