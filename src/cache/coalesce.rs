@@ -28,6 +28,8 @@ use super::upstream::Upstream;
 use super::{Cache, CacheConfig, CacheError};
 use crate::oci::range::{RangeError, parse_range};
 use crate::oci::{ByteRange, Digest};
+use crate::registry::mirror::io_stream;
+use crate::registry::resume::{ByteStream, Reopen, resumable};
 use crate::routing::{Claim, Peer, Router};
 
 /// Where the bytes of a coalesced response come from (audit `served_from`).
@@ -398,10 +400,7 @@ impl Coalescer {
         tracing::info!(%digest, peer.id = %peer.id, bytes = size, "following another node's fetch");
         let mut tried = HashSet::new();
         tried.insert(peer.id.clone());
-        let resume = Resume {
-            current: Some(io_stream(resp.bytes_stream())),
-            next: start,
-            end,
+        let rest = FromHolders {
             budget: RESUMES,
             tried,
             coalescer: self.clone(),
@@ -410,12 +409,11 @@ impl Coalescer {
             digest: digest.clone(),
             peer_path: peer_path.to_owned(),
             headers: headers.clone(),
-            failed: false,
         };
         let stream = if length == 0 {
             futures::stream::empty().boxed()
         } else {
-            resume.into_stream()
+            resumable(io_stream(resp.bytes_stream()), start, end, rest)
         };
         Some(Body {
             size,
@@ -436,12 +434,8 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
     (end >= start).then_some((start, end, total.parse().ok()?))
 }
 
-/// A follower's stream that continues from another holder, else from upstream, after a break.
-struct Resume {
-    current: Option<BoxStream<'static, std::io::Result<Bytes>>>,
-    /// Absolute offset of the next byte to send; `end` inclusive.
-    next: u64,
-    end: u64,
+/// Where a follower's broken stream continues: another holder, else upstream, `budget` times.
+struct FromHolders {
     budget: usize,
     tried: HashSet<String>,
     coalescer: Coalescer,
@@ -451,56 +445,12 @@ struct Resume {
     peer_path: String,
     /// The daemon's peer token, sent again on every resume.
     headers: http::HeaderMap,
-    failed: bool,
 }
 
-fn io_stream(
-    s: impl futures::Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
-) -> BoxStream<'static, std::io::Result<Bytes>> {
-    s.map(|r| r.map_err(std::io::Error::other)).boxed()
-}
-
-impl Resume {
-    fn into_stream(self) -> BoxStream<'static, std::io::Result<Bytes>> {
-        futures::stream::unfold(self, |mut s| async move {
-            let item = s.step().await?;
-            Some((item, s))
-        })
-        .boxed()
-    }
-
-    async fn step(&mut self) -> Option<std::io::Result<Bytes>> {
-        loop {
-            if self.failed || self.next > self.end {
-                return None;
-            }
-            let chunk = match self.current.as_mut() {
-                Some(s) => s.next().await,
-                None => None,
-            };
-            match chunk {
-                Some(Ok(mut c)) => {
-                    let remaining = self.end - self.next + 1;
-                    if c.len() as u64 > remaining {
-                        c.truncate(remaining as usize);
-                    }
-                    self.next += c.len() as u64;
-                    return Some(Ok(c));
-                }
-                Some(Err(_)) | None => {
-                    self.current = None;
-                    if let Err(e) = self.resume().await {
-                        self.failed = true;
-                        return Some(Err(e));
-                    }
-                }
-            }
-        }
-    }
-
-    async fn resume(&mut self) -> std::io::Result<()> {
+impl Reopen for FromHolders {
+    async fn reopen(&mut self, next: u64, end: u64) -> std::io::Result<ByteStream> {
         let c = self.coalescer.clone();
-        let range = format!("bytes={}-{}", self.next, self.end);
+        let range = format!("bytes={next}-{end}");
         while self.budget > 0 {
             self.budget -= 1;
             // Another holder first (complete, or another in-flight provider).
@@ -526,23 +476,22 @@ impl Resume {
                             .get(header::CONTENT_RANGE)
                             .and_then(|v| v.to_str().ok())
                             .and_then(parse_content_range)
-                            .is_some_and(|(s, _, _)| s == self.next);
+                            .is_some_and(|(s, _, _)| s == next);
                     if starts_right {
-                        tracing::info!(digest = %self.digest, peer.id = %peer.id, offset = self.next, "follower resumed from another holder");
-                        self.current = Some(io_stream(resp.bytes_stream()));
-                        return Ok(());
+                        tracing::info!(digest = %self.digest, peer.id = %peer.id, offset = next, "follower resumed from another holder");
+                        return Ok(io_stream(resp.bytes_stream()));
                     }
                 }
             }
             // Else upstream, from where we are.
             match c
                 .upstream
-                .blob(&self.ns, &self.repository, &self.digest, self.next)
+                .blob(&self.ns, &self.repository, &self.digest, next)
                 .await
             {
-                Ok(fetch) if fetch.start <= self.next => {
-                    tracing::info!(digest = %self.digest, offset = self.next, "follower resumed from upstream");
-                    let skip = self.next - fetch.start;
+                Ok(fetch) if fetch.start <= next => {
+                    tracing::info!(digest = %self.digest, offset = next, "follower resumed from upstream");
+                    let skip = next - fetch.start;
                     let counter = c.metrics.upstream_bytes.clone();
                     let stream = io_stream(fetch.response.bytes_stream())
                         .inspect(move |r| {
@@ -551,8 +500,7 @@ impl Resume {
                             }
                         })
                         .boxed();
-                    self.current = Some(skip_bytes(stream, skip));
-                    return Ok(());
+                    return Ok(skip_bytes(stream, skip));
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -18,6 +18,7 @@ use http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::resume::{ByteStream, Reopen, resumable};
 use super::serve::{AccessLog, Counted, DOCKER_CONTENT_DIGEST, header_str};
 use super::{HOP_HEADER, PullRequest, RegistryError, RegistryState};
 use crate::metrics::{Metrics, PeerFailureLabels, Source};
@@ -320,19 +321,16 @@ impl Mirror {
         if req.head || length == 0 {
             return Ok(Fetched::Whole(builder, Bytes::new()));
         }
-        let resume = Resume {
-            current: Some(resp.bytes_stream().boxed()),
-            next: start,
-            end,
+        let rest = FromPeers {
             peers: std::mem::replace(peers, PeerQueue::empty()),
             client: self.client.clone(),
             path: req.peer_path(),
             headers: req.peer_headers.clone(),
             budget: self.config.attempts,
             metrics: self.metrics.clone(),
-            failed: false,
         };
-        Ok(Fetched::Stream(builder, resume.into_stream()))
+        let body = resumable(io_stream(resp.bytes_stream()), start, end, rest);
+        Ok(Fetched::Stream(builder, body))
     }
 }
 
@@ -437,13 +435,8 @@ impl PeerQueue {
     }
 }
 
-/// State of a blob stream that can continue from another peer after a break.
-struct Resume {
-    current: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
-    /// Absolute offset of the next byte the client expects.
-    next: u64,
-    /// Absolute offset of the last byte to send (inclusive).
-    end: u64,
+/// Where a broken peer blob stream continues: the lookup's further peers, `budget` of them.
+struct FromPeers {
     peers: PeerQueue,
     client: reqwest::Client,
     path: String,
@@ -451,51 +444,10 @@ struct Resume {
     headers: http::HeaderMap,
     budget: usize,
     metrics: Metrics,
-    failed: bool,
 }
 
-impl Resume {
-    fn into_stream(self) -> BoxStream<'static, std::io::Result<Bytes>> {
-        futures::stream::unfold(self, |mut s| async move {
-            let item = s.step().await?;
-            Some((item, s))
-        })
-        .boxed()
-    }
-
-    /// The next chunk, resuming from another peer when the current stream breaks.
-    async fn step(&mut self) -> Option<std::io::Result<Bytes>> {
-        loop {
-            if self.failed || self.next > self.end {
-                return None;
-            }
-            let chunk = match self.current.as_mut() {
-                Some(stream) => stream.next().await,
-                None => None,
-            };
-            match chunk {
-                Some(Ok(mut chunk)) => {
-                    let remaining = self.end - self.next + 1;
-                    if chunk.len() as u64 > remaining {
-                        // More than the peer promised: keep what was asked for, drop the rest.
-                        chunk.truncate(remaining as usize);
-                    }
-                    self.next += chunk.len() as u64;
-                    return Some(Ok(chunk));
-                }
-                // Broken (error) or ended early (`None` before `end`): resume elsewhere.
-                Some(Err(_)) | None => {
-                    self.current = None;
-                    if let Err(e) = self.resume().await {
-                        self.failed = true;
-                        return Some(Err(e));
-                    }
-                }
-            }
-        }
-    }
-
-    async fn resume(&mut self) -> std::io::Result<()> {
+impl Reopen for FromPeers {
+    async fn reopen(&mut self, next: u64, end: u64) -> std::io::Result<ByteStream> {
         while self.budget > 0 {
             self.budget -= 1;
             let Some(peer) = self.peers.next().await else {
@@ -506,7 +458,7 @@ impl Resume {
                 .get(format!("http://{}{}", peer.addr, self.path))
                 .header(HOP_HEADER, "1")
                 .headers(self.headers.clone())
-                .header(header::RANGE, format!("bytes={}-{}", self.next, self.end))
+                .header(header::RANGE, format!("bytes={next}-{end}"))
                 .send()
                 .await;
             let Ok(resp) = resp else {
@@ -515,18 +467,24 @@ impl Resume {
             let starts_right = resp.status() == StatusCode::PARTIAL_CONTENT
                 && header_str(resp.headers(), header::CONTENT_RANGE)
                     .and_then(parse_content_range)
-                    .is_some_and(|(start, _, _)| start == self.next);
+                    .is_some_and(|(start, _, _)| start == next);
             if starts_right {
                 self.metrics.resumes.inc();
-                tracing::info!(peer.id = %peer.id, offset = self.next, "resumed blob from another peer");
-                self.current = Some(resp.bytes_stream().boxed());
-                return Ok(());
+                tracing::info!(peer.id = %peer.id, offset = next, "resumed blob from another peer");
+                return Ok(io_stream(resp.bytes_stream()));
             }
         }
         Err(std::io::Error::other(
             "peer stream broke and no other peer could resume it",
         ))
     }
+}
+
+/// A reqwest body as a response body stream.
+pub(crate) fn io_stream(
+    s: impl futures::Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+) -> ByteStream {
+    s.map(|r| r.map_err(std::io::Error::other)).boxed()
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 //! Requests are parsed into a [`PullRequest`] up front (bad input is a 4xx before anything is
 //! looked up); [`serve`] writes successful responses; [`error`] is the only place errors
 //! become responses; [`listen`] serves an app on a socket, with our header limits, and
-//! [`http1`] writes `GET`/`HEAD` responses itself so blob bodies can go out with `sendfile(2)`.
+//! [`http1`] writes `GET`/`HEAD` responses itself so blob bodies can go out with `sendfile(2)`;
+//! [`resume`] continues a peer's blob stream elsewhere when it breaks.
 //! Every request is counted and audited once, with the bytes really sent.
 //!
 //! Before anything is looked up, the policy [`Guard`] decides (source `local` on the mirror
@@ -21,6 +22,7 @@ pub mod error;
 pub mod http1;
 pub mod listen;
 pub mod mirror;
+pub mod resume;
 pub mod serve;
 
 use std::net::SocketAddr;
