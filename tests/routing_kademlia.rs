@@ -6,6 +6,8 @@
 //! bootstrap retries. Every wait is a bounded poll; measured times are printed
 //! (`cargo test --test routing_kademlia -- --nocapture`).
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +18,8 @@ use speculum::routing::{Peer, Router, RouterError};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use common::dht::{lookup_all, poll};
 use tokio::time::Instant;
 
 /// The registry port every test node reports; nothing listens there, lookups only name it.
@@ -126,41 +130,9 @@ async fn await_full_mesh(nodes: &[TestNode]) {
     .await;
 }
 
-/// Polls `check` every 50 ms until it holds; panics after `bound`. Returns the time taken.
-async fn poll<F, Fut>(bound: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < bound, "{what}: not true after {bound:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Reads a lookup to its end (bounded).
 async fn lookup(router: &KademliaRouter, key: &str) -> Vec<Peer> {
-    let mut rx = match router.lookup(key, 10).await {
-        Ok(rx) => rx,
-        Err(e) => panic!("lookup failed: {e}"),
-    };
-    let mut peers = Vec::new();
-    let read = async {
-        while let Some(p) = rx.recv().await {
-            peers.push(p);
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .is_err()
-    {
-        panic!("lookup of {key} did not end within 20s");
-    }
-    peers
+    lookup_all(router, key, Duration::from_secs(20)).await
 }
 
 async fn finds(router: &KademliaRouter, key: &str, id: &str) -> bool {

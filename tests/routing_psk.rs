@@ -4,6 +4,8 @@
 //! found as) a provider. Plus the key file parser as the config sees it, and
 //! `speculum psk generate`. Every wait is a bounded poll on an observable event.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,7 +13,8 @@ use speculum::routing::Router;
 use speculum::routing::kademlia::{self, KademliaConfig, KademliaRouter};
 use speculum::routing::psk;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+
+use common::dht::{lookup_all, poll};
 
 const REGISTRY_PORT: u16 = 5999;
 const KEY_A: &str = "4f0a8c3e2b1d5f6a7e9c0b2d4f6a8c0e1b3d5f7a9c2e4b6d8f0a1c3e5b7d9f2a";
@@ -93,42 +96,13 @@ async fn spawn(key: Option<&str>, peers: Vec<String>) -> Node {
     }
 }
 
-/// Polls `check` every 50 ms until it holds; panics after `bound`.
-async fn poll<F, Fut>(bound: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < bound, "{what}: not true after {bound:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Every peer one lookup returns (it ends by `lookup_timeout`).
+/// Every peer id one lookup returns (it ends by `lookup_timeout`, 3 s).
 async fn lookup_ids(router: &KademliaRouter, key: &str) -> Vec<String> {
-    let mut rx = match router.lookup(key, 10).await {
-        Ok(rx) => rx,
-        Err(e) => panic!("lookup: {e}"),
-    };
-    let mut ids = Vec::new();
-    let collect = async {
-        while let Some(p) = rx.recv().await {
-            ids.push(p.id);
-        }
-    };
-    // lookup_timeout is 3 s; the channel closes by then.
-    if tokio::time::timeout(Duration::from_secs(10), collect)
+    lookup_all(router, key, Duration::from_secs(10))
         .await
-        .is_err()
-    {
-        panic!("lookup did not end within 10 s");
-    }
-    ids
+        .into_iter()
+        .map(|p| p.id)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

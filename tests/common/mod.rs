@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod dht;
 pub mod helm;
 pub mod k8s;
 pub mod rig;
