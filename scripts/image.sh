@@ -24,8 +24,6 @@ HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 REPO=$(dirname "$HERE")
 BINS=(speculum speculum-webhook)
 NONROOT=65532
-# Debian packages whose files the image holds besides the libraries found with ldd.
-EXTRA_PACKAGES=(base-files ca-certificates)
 
 die() {
 	echo "image.sh: $*" >&2
@@ -183,7 +181,6 @@ hosts: files dns
 	ca_bundle "$WORK/ca-certificates.crt"
 	entry base f /etc/ssl/certs/ca-certificates.crt 0644 0:0 "$WORK/ca-certificates.crt"
 	add_packaged base /etc/os-release # scanners name the distribution from it
-	for pkg in "${EXTRA_PACKAGES[@]}"; do PACKAGES[$pkg]=1; done
 
 	# What the files were taken from: packages.txt for people, status.d for scanners (the
 	# distroless convention: one dpkg status stanza per package).
