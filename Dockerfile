@@ -26,7 +26,7 @@ COPY . .
 # The same command as `make image`; the binaries leave the cache mount through /out.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin speculum --bin speculum-webhook \
+    cargo build --release --locked -p speculum -p speculum-webhook --bin speculum --bin speculum-webhook \
  && install -D -m 0755 -t /out/usr/local/bin target/release/speculum target/release/speculum-webhook
 
 # distroless cc-debian12: libc6, libgcc-s1, libssl3 (unused: rustls), ca-certificates, tzdata,

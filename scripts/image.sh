@@ -134,7 +134,7 @@ build() {
 	local bin_dir=$1 out=$2
 	local version revision epoch created bin lib pkg digest labels packages_label=""
 	for bin in "${BINS[@]}"; do
-		[ -x "$bin_dir/$bin" ] || die "$bin_dir/$bin: missing (cargo build --release --bin speculum --bin speculum-webhook)"
+		[ -x "$bin_dir/$bin" ] || die "$bin_dir/$bin: missing (make image builds it: cargo build --release -p speculum -p speculum-webhook --bin speculum --bin speculum-webhook)"
 	done
 	version=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["workspace"]["package"]["version"])' "$REPO/Cargo.toml")
 	for bin in "${BINS[@]}"; do

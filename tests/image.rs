@@ -54,7 +54,7 @@ fn bin_dir() -> PathBuf {
     for bin in BINS {
         assert!(
             dir.join(bin).is_file(),
-            "{}: missing; build it with `make image` (cargo build --release --bin speculum --bin speculum-webhook)",
+            "{}: missing; build it with `make image` (cargo build --release -p speculum -p speculum-webhook --bin speculum --bin speculum-webhook)",
             dir.join(bin).display()
         );
     }
@@ -765,6 +765,18 @@ fn tls_roots_come_from_the_image_bundle() {
 #[test]
 fn dockerfile_final_stage_yields_the_same_image() {
     let img = image();
+    // The build stage is not run here; it must at least run the cargo command `make image` runs.
+    let packages = "-p speculum -p speculum-webhook --bin speculum --bin speculum-webhook";
+    let dockerfile = fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    let makefile = fs::read_to_string(repo().join("Makefile")).expect("Makefile");
+    assert!(
+        makefile.contains(packages),
+        "Makefile's image target changed: update this test"
+    );
+    assert!(
+        dockerfile.contains(&format!("cargo build --release --locked {packages}")),
+        "the Dockerfile's build stage does not build what `make image` builds"
+    );
     // buildah names an `oci:` base after its path, and image names must be lowercase: not a
     // tempfile name.
     let tmp = Scratch::new("speculum-image-dockerfile");
