@@ -1,17 +1,17 @@
-# syntax=docker/dockerfile:1
 # The speculum image for Docker/BuildKit users: the same two binaries, user, environment, command
 # and labels as `make image` (scripts/image.sh), on distroless's cc-debian12 instead of files
 # taken from the build machine's Debian packages. `make image` needs no Docker; this needs no
-# Debian host.
+# Debian host. Needs BuildKit (RUN --mount), Docker's default builder since 23.0.
 #
 #   docker build -t speculum:0.1.0 \
 #     --build-arg REVISION="$(git rev-parse HEAD)" \
 #     --build-arg CREATED="$(date -u -d @"$(git log -1 --format=%ct)" +%Y-%m-%dT%H:%M:%SZ)" .
 #
-# How this file is checked (tests/image.rs, dockerfile_final_stage): the final stage is built with
-# buildah, the `build` stage replaced by the binaries `make image` built (--build-context) and the
-# distroless base by the base layer of our own image; the result must have our image's files,
-# user, env, command and labels. The `build` stage itself is not run there (no rust image offline).
+# How this file is checked (tests/image.rs, dockerfile_final_stage_yields_the_same_image): the
+# final stage is built with buildah, the `build` stage replaced by the binaries `make image`
+# built (--build-context) and the distroless base by the base layer of our own image; the result
+# must have our image's files, user, env, command and labels. The `build` stage itself is not run
+# there (no rust image offline); the test only checks it runs `make image`'s cargo command.
 
 ARG RUST_VERSION=1.95
 ARG BASE_IMAGE=gcr.io/distroless/cc-debian12:nonroot
