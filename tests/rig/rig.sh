@@ -45,6 +45,8 @@ RIG_METRICS_URL=${RIG_METRICS_URL:-http://127.0.0.1:9402/metrics}
 # 1.7, 2.3, 2.4: built from the Go module proxy on first use). Default: the 2.x LTS.
 RIG_CONTAINERD_SH=$RIG_REPO/tests/containerd/containerd.sh
 RIG_CONTAINERD=${RIG_CONTAINERD:-$(bash "$RIG_CONTAINERD_SH" default)}
+# RIG_CONTENT_DIR=introspect (default: the daemon asks containerd where its content store is)
+# or config (containerd.content_dir written into speculum.yaml by hand).
 # Extra KEY=VALUE settings for every node's containerd config (containerd.sh config keys), e.g.
 # "concurrent_layer_fetch_buffer=1048576 max_concurrent_downloads=8".
 RIG_CONTAINERD_OPTS=${RIG_CONTAINERD_OPTS:-}
@@ -491,7 +493,6 @@ write_speculum_config() {
 		containerd:
 		  socket: "$d/containerd.sock"
 		  namespace: "$RIG_K8S_NS"
-		  content_dir: "$d/root/io.containerd.content.v1.content"
 		routing:
 		  listen: "/ip4/0.0.0.0/tcp/5082"
 		  data_dir: "$d/data"
@@ -508,6 +509,11 @@ write_speculum_config() {
 		audit:
 		  file: "$d/audit.jsonl"
 	EOF
+	# The content root comes from containerd's introspection unless RIG_CONTENT_DIR=config
+	# writes it by hand (the override).
+	if [[ ${RIG_CONTENT_DIR:-introspect} == config ]]; then
+		sed -i "s|^  namespace: \"$RIG_K8S_NS\"\$|&\n  content_dir: \"$d/root/io.containerd.content.v1.content\"|" "$d/speculum.yaml"
+	fi
 	# RIG_CACHE=1: the own blob cache with upstream fetches and coalescing (docs/cache.md).
 	if [[ ${RIG_CACHE:-0} == 1 ]]; then
 		cat >>"$d/speculum.yaml" <<-EOF
