@@ -354,7 +354,11 @@ async fn check_containerd_config(
             return false;
         }
     };
-    let visible = containerd.content_dir().is_some_and(std::path::Path::is_dir);
+    // 1.7 creates the content directory with the first blob: its parent (containerd's root)
+    // being there is enough to tell "mounted" from "not mounted".
+    let visible = containerd
+        .content_dir()
+        .is_some_and(|d| d.is_dir() || d.parent().is_some_and(std::path::Path::is_dir));
     let findings = introspect::findings(&facts, certs_dir, visible);
     let version = facts.config_version();
     for label in Finding::LABELS {

@@ -500,13 +500,21 @@ async fn introspection_reports_content_root_and_cri_settings() {
             .map(Finding::label)
             .collect();
         if exposes(&rig) {
-            let want_path = if with_path { certs.display().to_string() } else { String::new() };
+            // 1.x leaves an unset config_path empty; 2.x fills in its default directories.
+            let (want_path, unset) = match (with_path, rig.version() >= (2, 0)) {
+                (true, _) => (certs.display().to_string(), None),
+                (false, false) => (String::new(), Some("hosts_dir_not_set")),
+                (false, true) => (
+                    "/etc/containerd/certs.d:/etc/docker/certs.d".to_owned(),
+                    Some("hosts_dir_differs"),
+                ),
+            };
             assert_eq!(facts.registry_config_path, Some(want_path), "{name}: {facts:?}");
             assert_eq!(facts.discard_unpacked_layers, Some(discard), "{name}: {facts:?}");
-            let want: Vec<&str> = match (with_path, discard) {
-                (true, false) => vec![],
-                _ => vec!["hosts_dir_not_set", "layers_discarded"],
-            };
+            let want: Vec<&str> = unset
+                .into_iter()
+                .chain(discard.then_some("layers_discarded"))
+                .collect();
             assert_eq!(labels, want, "{name}: {facts:?}");
         } else {
             assert_eq!(facts.registry_config_path, None, "{name}: {facts:?}");

@@ -218,13 +218,12 @@ impl ContainerdStore {
 
     /// Asks containerd about its own configuration (see `introspect.rs`). When
     /// `containerd.content_dir` is not configured (it stays an override), adopts the content
-    /// root containerd reports, if that directory is visible here; else blobs keep streaming
-    /// through gRPC.
+    /// root containerd reports. Where that directory is not visible here, reads fall back to
+    /// gRPC file by file, as for a configured one (and the caller reports it).
     pub async fn introspect(&self) -> Result<NodeFacts, StoreError> {
         let facts = introspect::inspect(&self.channel).await?;
         if self.content_dir.is_none()
             && let Some(root) = &facts.content_root
-            && root.is_dir()
             && self.discovered_content_dir.set(root.clone()).is_ok()
         {
             tracing::info!(content_dir = %root.display(), "content root from containerd introspection");
