@@ -368,7 +368,10 @@ async fn check_containerd_config(
             .get_or_create(&crate::metrics::ContainerdProblemLabels { problem: label })
             .set(i64::from(on));
     }
-    let messages: Vec<String> = findings.iter().map(|f| f.message(version, certs_dir)).collect();
+    let messages: Vec<String> = findings
+        .iter()
+        .map(|f| f.message(version, certs_dir))
+        .collect();
     if last.as_ref() != Some(&findings) {
         tracing::info!(
             containerd.version = %facts.version,

@@ -453,9 +453,16 @@ async fn content_create_events_where_containerd_has_them() {
                 rig.log_tail(20)
             )
         });
-        assert!(sources.is_empty(), "ingested content has no source: {sources:?}");
+        assert!(
+            sources.is_empty(),
+            "ingested content has no source: {sources:?}"
+        );
     } else {
-        assert!(seen.is_none(), "containerd {} has no content events", rig.line());
+        assert!(
+            seen.is_none(),
+            "containerd {} has no content events",
+            rig.line()
+        );
     }
 }
 
@@ -494,7 +501,11 @@ async fn introspection_reports_content_root_and_cri_settings() {
             Some(rig.content_dir.as_path()),
             "{name}: content root"
         );
-        assert_eq!(store.content_dir(), Some(rig.content_dir.as_path()), "{name}: adopted");
+        assert_eq!(
+            store.content_dir(),
+            Some(rig.content_dir.as_path()),
+            "{name}: adopted"
+        );
         let labels: Vec<&str> = findings(&facts, &certs, true)
             .iter()
             .map(Finding::label)
@@ -509,8 +520,16 @@ async fn introspection_reports_content_root_and_cri_settings() {
                     Some("hosts_dir_differs"),
                 ),
             };
-            assert_eq!(facts.registry_config_path, Some(want_path), "{name}: {facts:?}");
-            assert_eq!(facts.discard_unpacked_layers, Some(discard), "{name}: {facts:?}");
+            assert_eq!(
+                facts.registry_config_path,
+                Some(want_path),
+                "{name}: {facts:?}"
+            );
+            assert_eq!(
+                facts.discard_unpacked_layers,
+                Some(discard),
+                "{name}: {facts:?}"
+            );
             let want: Vec<&str> = unset
                 .into_iter()
                 .chain(discard.then_some("layers_discarded"))
@@ -521,6 +540,11 @@ async fn introspection_reports_content_root_and_cri_settings() {
             assert_eq!(labels, vec!["hosts_dir_unknown"], "{name}: {facts:?}");
         }
         let expected_config_version = if rig.version() >= (2, 0) { 3 } else { 2 };
-        assert_eq!(facts.config_version(), expected_config_version, "{}", facts.version);
+        assert_eq!(
+            facts.config_version(),
+            expected_config_version,
+            "{}",
+            facts.version
+        );
     }
 }

@@ -221,8 +221,7 @@ impl Advertiser {
     /// Swallows further image events until `debounce` passes without one; content events
     /// met on the way are still advertised.
     async fn debounce(&mut self, events: &mut Option<BoxStream<'static, StoreEvent>>) {
-        while let Ok(Some(event)) = tokio::time::timeout(self.config.debounce, next(events)).await
-        {
+        while let Ok(Some(event)) = tokio::time::timeout(self.config.debounce, next(events)).await {
             if let StoreEvent::ContentAdded { digest, sources } = event {
                 self.advertise_early(&digest, &sources).await;
             }

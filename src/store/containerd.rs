@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use containerd_client::events::ContentCreate;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::events_client::EventsClient;
 use containerd_client::services::v1::images_client::ImagesClient;
@@ -40,7 +41,6 @@ use containerd_client::services::v1::{
     GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, InfoRequest, ListImagesRequest,
     ReadContentRequest, SubscribeRequest,
 };
-use containerd_client::events::ContentCreate;
 use containerd_client::types::Envelope;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
@@ -490,7 +490,13 @@ impl Store for ContainerdStore {
             client: self.content_client(),
             header: self.namespace_header.clone(),
         };
-        tokio::spawn(forward_events(client, req, self.namespace.clone(), sources, tx));
+        tokio::spawn(forward_events(
+            client,
+            req,
+            self.namespace.clone(),
+            sources,
+            tx,
+        ));
         Ok(ReceiverStream::new(rx).boxed())
     }
 }
@@ -1011,7 +1017,10 @@ mod tests {
     fn distribution_sources_are_split_per_repository() {
         let labels: HashMap<String, String> = [
             ("containerd.io/distribution.source.10.0.0.2", "a/b,c"),
-            ("containerd.io/distribution.source.docker.io", "library/redis"),
+            (
+                "containerd.io/distribution.source.docker.io",
+                "library/redis",
+            ),
             ("containerd.io/gc.ref.content.l.0", "sha256:x"),
             ("containerd.io/distribution.source.empty", ""),
         ]
@@ -1019,11 +1028,17 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+            v.iter()
+                .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+                .collect()
         };
         assert_eq!(
             distribution_sources(&labels),
-            pairs(&[("10.0.0.2", "a/b"), ("10.0.0.2", "c"), ("docker.io", "library/redis")])
+            pairs(&[
+                ("10.0.0.2", "a/b"),
+                ("10.0.0.2", "c"),
+                ("docker.io", "library/redis")
+            ])
         );
     }
 

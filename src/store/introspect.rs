@@ -18,9 +18,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use containerd_client::services::v1::PluginsRequest;
 use containerd_client::services::v1::introspection_client::IntrospectionClient;
 use containerd_client::services::v1::version_client::VersionClient;
-use containerd_client::services::v1::PluginsRequest;
 use tonic::transport::Channel;
 
 use super::StoreError;
@@ -202,14 +202,14 @@ pub async fn inspect(channel: &Channel) -> Result<NodeFacts, StoreError> {
         version,
         ..NodeFacts::default()
     };
-    let plugins = match bounded(IntrospectionClient::new(channel.clone()).plugins(
-        PluginsRequest {
+    let plugins = match bounded(
+        IntrospectionClient::new(channel.clone()).plugins(PluginsRequest {
             filters: vec![
                 format!("type=={CONTENT_PLUGIN_TYPE}"),
                 format!("type=={CRI_IMAGES_PLUGIN_TYPE},id=={CRI_IMAGES_PLUGIN_ID}"),
             ],
-        },
-    ))
+        }),
+    )
     .await
     {
         Ok(resp) => resp.into_inner().plugins,
@@ -224,7 +224,9 @@ pub async fn inspect(channel: &Channel) -> Result<NodeFacts, StoreError> {
         {
             facts.content_root = Some(PathBuf::from(root));
         }
-        if p.r#type == CRI_IMAGES_PLUGIN_TYPE && p.id == CRI_IMAGES_PLUGIN_ID && p.init_err.is_none()
+        if p.r#type == CRI_IMAGES_PLUGIN_TYPE
+            && p.id == CRI_IMAGES_PLUGIN_ID
+            && p.init_err.is_none()
         {
             apply_exports(&mut facts, &p.exports);
         }
@@ -326,20 +328,51 @@ mod tests {
     fn findings_table() {
         let certs = Path::new("/etc/containerd/certs.d");
         let labels = |f: &NodeFacts, visible| -> Vec<&'static str> {
-            findings(f, certs, visible).iter().map(Finding::label).collect()
+            findings(f, certs, visible)
+                .iter()
+                .map(Finding::label)
+                .collect()
         };
         let cases: Vec<(&str, NodeFacts, bool, Vec<&str>)> = vec![
-            ("all good", facts(Some("/etc/containerd/certs.d"), Some(false)), true, vec![]),
-            ("trailing slash", facts(Some("/etc/containerd/certs.d/"), Some(false)), true, vec![]),
             (
-                "one of a list",
-                facts(Some("/etc/docker/certs.d:/etc/containerd/certs.d"), Some(false)),
+                "all good",
+                facts(Some("/etc/containerd/certs.d"), Some(false)),
                 true,
                 vec![],
             ),
-            ("not set", facts(Some(""), Some(false)), true, vec!["hosts_dir_not_set"]),
-            ("other dir", facts(Some("/etc/other"), Some(false)), true, vec!["hosts_dir_differs"]),
-            ("unknown", facts(None, None), true, vec!["hosts_dir_unknown"]),
+            (
+                "trailing slash",
+                facts(Some("/etc/containerd/certs.d/"), Some(false)),
+                true,
+                vec![],
+            ),
+            (
+                "one of a list",
+                facts(
+                    Some("/etc/docker/certs.d:/etc/containerd/certs.d"),
+                    Some(false),
+                ),
+                true,
+                vec![],
+            ),
+            (
+                "not set",
+                facts(Some(""), Some(false)),
+                true,
+                vec!["hosts_dir_not_set"],
+            ),
+            (
+                "other dir",
+                facts(Some("/etc/other"), Some(false)),
+                true,
+                vec!["hosts_dir_differs"],
+            ),
+            (
+                "unknown",
+                facts(None, None),
+                true,
+                vec!["hosts_dir_unknown"],
+            ),
             (
                 "discard",
                 facts(Some("/etc/containerd/certs.d"), Some(true)),
@@ -362,9 +395,15 @@ mod tests {
     fn messages_name_the_key_of_the_config_version() {
         let certs = Path::new("/etc/containerd/certs.d");
         let v2 = Finding::HostsDirNotSet.message(2, certs);
-        assert!(v2.contains(r#"[plugins."io.containerd.grpc.v1.cri".registry] config_path"#), "{v2}");
+        assert!(
+            v2.contains(r#"[plugins."io.containerd.grpc.v1.cri".registry] config_path"#),
+            "{v2}"
+        );
         let v3 = Finding::LayersDiscarded.message(3, certs);
-        assert!(v3.contains(r#"[plugins."io.containerd.cri.v1.images"] discard_unpacked_layers"#), "{v3}");
+        assert!(
+            v3.contains(r#"[plugins."io.containerd.cri.v1.images"] discard_unpacked_layers"#),
+            "{v3}"
+        );
         for (v, want) in [("1.6.20~ds1", 2), ("v1.7.35", 2), ("v2.3.7", 3), ("", 3)] {
             let f = NodeFacts {
                 version: v.into(),
@@ -385,7 +424,10 @@ mod tests {
         assert_eq!(f.discard_unpacked_layers, Some(true));
         assert_eq!(f.cri_source, CriSource::CriStatus);
         let mut g = NodeFacts::default();
-        apply_cri_config(&mut g, r#"{"containerdRootDir":"/var/lib/containerd","enableSelinux":false}"#);
+        apply_cri_config(
+            &mut g,
+            r#"{"containerdRootDir":"/var/lib/containerd","enableSelinux":false}"#,
+        );
         assert_eq!(g, NodeFacts::default());
         apply_cri_config(&mut g, "not json");
         assert_eq!(g, NodeFacts::default());

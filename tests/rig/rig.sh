@@ -51,9 +51,12 @@ RIG_CONTAINERD=${RIG_CONTAINERD:-$(bash "$RIG_CONTAINERD_SH" default)}
 # "concurrent_layer_fetch_buffer=1048576 max_concurrent_downloads=8".
 RIG_CONTAINERD_OPTS=${RIG_CONTAINERD_OPTS:-}
 
-RIG_NS_PREFIX=spcl-
-RIG_BRIDGE_NS=spcl-br
-RIG_UP_NS=spcl-up
+# Namespace names start with RIG_NS_PREFIX: with another RIG_DIR (its own lock, RIG_DIR.lock),
+# RIG_SUBNET and prefix, a second rig can exist beside the default one.
+RIG_NS_PREFIX=${RIG_NS_PREFIX:-spcl-}
+[[ $RIG_NS_PREFIX =~ ^[a-z]{2,8}-$ ]] || { echo "RIG_NS_PREFIX must be 2-8 lowercase letters and '-', not '$RIG_NS_PREFIX'" >&2; exit 2; }
+RIG_BRIDGE_NS=${RIG_NS_PREFIX}br
+RIG_UP_NS=${RIG_NS_PREFIX}up
 RIG_UPSTREAM_PORT=5000
 RIG_K8S_NS=k8s.io
 
