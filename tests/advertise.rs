@@ -245,7 +245,9 @@ async fn content_events_advertise_a_blob_before_its_image_exists() {
     // there and withdraws the one the store lost (a failed pull's content, collected).
     store.inner.remove_blob(&vanishing);
     let other = store.inner.add_blob(r#"{"rootfs":{"type":"layers"}}"#);
-    store.inner.set_image("10.0.0.2:5000/rig/other:v1", other.clone());
+    store
+        .inner
+        .set_image("10.0.0.2:5000/rig/other:v1", other.clone());
     tx.send(StoreEvent::ImageChanged {
         name: "10.0.0.2:5000/rig/other:v1".to_owned(),
     })

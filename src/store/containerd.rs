@@ -550,12 +550,8 @@ async fn forward_events(
                         .await;
                 });
             }
-            Some(event) => {
-                if tx.send(event).await.is_err() {
-                    return;
-                }
-            }
-            None => {}
+            Some(event) if tx.send(event).await.is_err() => return,
+            Some(_) | None => {}
         }
     }
 }
