@@ -535,7 +535,7 @@ async fn forward_events(
                 }
             },
         };
-        match decode_event(&envelope, &namespace) {
+        let event = match decode_event(&envelope, &namespace) {
             // The distribution-source label lands just after the commit event: wait for it
             // off this loop, so image events are not held up.
             Some(StoreEvent::ContentAdded { digest, .. }) => {
@@ -549,9 +549,13 @@ async fn forward_events(
                         })
                         .await;
                 });
+                continue;
             }
-            Some(event) if tx.send(event).await.is_err() => return,
-            Some(_) | None => {}
+            Some(event) => event,
+            None => continue,
+        };
+        if tx.send(event).await.is_err() {
+            return;
         }
     }
 }
