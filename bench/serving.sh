@@ -32,6 +32,9 @@ BENCH_STREAMS=${BENCH_STREAMS:-50}
 BENCH_HEADS=${BENCH_HEADS:-2000}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
 BENCH_OUT=${BENCH_OUT:-/tmp/speculum-bench}
+CONTAINERD_SH=$BENCH_HERE/../tests/containerd/containerd.sh
+# Which containerd (a line of tests/containerd/containerd.sh: 1.6 is Debian's, 1.7/2.3/2.4 built).
+BENCH_CONTAINERD=${BENCH_CONTAINERD:-$(bash "$CONTAINERD_SH" default)}
 NS=spbench-$$
 DIR=$(mktemp -d /tmp/speculum-serving.XXXXXX)
 RESULTS=$BENCH_OUT/serving.json
@@ -118,36 +121,13 @@ peak_rss() {
 	hwm_kib "$pid"
 }
 
+# write_containerd_config: from the one writer every private containerd uses
+# (tests/containerd/containerd.sh); BENCH_CONTAINERD picks the version (default: the 2.x LTS).
 write_containerd_config() {
-	mkdir -p "$DIR/containerd/root" "$DIR/containerd/state" "$DIR/containerd/opt" "$DIR/cni/bin" "$DIR/cni/conf" "$DIR/certs.d"
-	cat >"$DIR/containerd.toml" <<-EOF
-		# bench/serving.sh: a private containerd (see /work/shared/notes/containerd-rig.md).
-		version = 2
-		root = "$DIR/containerd/root"
-		state = "$DIR/containerd/state"
-		[grpc]
-		  address = "$DIR/containerd.sock"
-		[ttrpc]
-		  address = "$DIR/containerd.sock.ttrpc"
-		[debug]
-		  address = ""
-		[metrics]
-		  address = ""
-		[plugins]
-		  [plugins."io.containerd.internal.v1.opt"]
-		    path = "$DIR/containerd/opt"
-		  [plugins."io.containerd.grpc.v1.cri"]
-		    stream_server_address = "127.0.0.1"
-		    stream_server_port = "0"
-		    [plugins."io.containerd.grpc.v1.cri".containerd]
-		      snapshotter = "overlayfs"
-		      discard_unpacked_layers = false
-		    [plugins."io.containerd.grpc.v1.cri".cni]
-		      bin_dir = "$DIR/cni/bin"
-		      conf_dir = "$DIR/cni/conf"
-		    [plugins."io.containerd.grpc.v1.cri".registry]
-		      config_path = "$DIR/certs.d"
-	EOF
+	mkdir -p "$DIR/containerd/root" "$DIR/containerd/state" "$DIR/containerd/opt" \
+		"$DIR/containerd/cni/bin" "$DIR/containerd/cni/conf" "$DIR/certs.d"
+	bash "$CONTAINERD_SH" config "$BENCH_CONTAINERD" "$DIR/containerd" \
+		socket="$DIR/containerd.sock" config_path="$DIR/certs.d" >"$DIR/containerd.toml"
 }
 
 write_registry_config() {
@@ -229,7 +209,7 @@ serving_main() {
 	[[ $(id -u) -eq 0 ]] || die "needs root (network namespace, containerd)"
 	[[ -x $SPECULUM_BIN ]] || die "no daemon binary at $SPECULUM_BIN (cargo build --release)"
 	local t
-	for t in ip containerd ctr docker-registry skopeo nginx curl jq python3; do
+	for t in ip runc docker-registry skopeo nginx curl jq python3; do
 		command -v "$t" >/dev/null || die "missing tool: $t"
 	done
 	mkdir -p "$BENCH_OUT"
@@ -242,10 +222,11 @@ serving_main() {
 	write_containerd_config
 	write_nginx_config
 	start registry docker-registry serve "$DIR/registry.yml"
-	start containerd containerd --config "$DIR/containerd.toml"
+	CTRD_BIN=$(bash "$CONTAINERD_SH" bin "$BENCH_CONTAINERD") || die "no containerd $BENCH_CONTAINERD"
+	start containerd env PATH="$CTRD_BIN:$PATH" "$CTRD_BIN/containerd" --config "$DIR/containerd.toml"
 	start nginx nginx -c "$DIR/nginx.conf" -p "$DIR/nginx/" -e "$DIR/nginx/error.log"
 	poll_until "$BENCH_TIMEOUT" registry ok "http://$REG/v2/" || die "registry did not start"
-	poll_until "$BENCH_TIMEOUT" containerd ctr --address "$DIR/containerd.sock" version || die "containerd did not start"
+	poll_until "$BENCH_TIMEOUT" containerd "$CTRD_BIN/ctr" --address "$DIR/containerd.sock" version || die "containerd did not start"
 
 	log "image with one ${BENCH_BLOB_MB} MiB layer into the registry and into containerd"
 	local layouts entry repo ref layer
@@ -256,7 +237,7 @@ serving_main() {
 	BLOB_SIZE=$(jq -r '.blobs[2].size' <<<"$entry")
 	ref="$REG/$repo:v1"
 	in_ns skopeo copy --quiet --dest-tls-verify=false --preserve-digests "oci:$(jq -r .layout <<<"$entry"):v1" "docker://$ref"
-	in_ns ctr --address "$DIR/containerd.sock" --namespace k8s.io images pull --plain-http "$ref" >/dev/null
+	in_ns "$CTRD_BIN/ctr" --address "$DIR/containerd.sock" --namespace k8s.io images pull --plain-http "$ref" >/dev/null
 
 	log "starting speculum ($SPECULUM_BIN)"
 	write_speculum_config

@@ -29,6 +29,7 @@ use crate::routing::sync::Advertiser;
 use crate::shutdown::{self, Shutdown};
 use crate::store::Store;
 use crate::store::containerd::ContainerdStore;
+use crate::store::introspect::{self, Finding};
 use crate::tenancy::Tenancy;
 use crate::tenancy::grants::{GrantChecker, GrantKeys};
 
@@ -175,6 +176,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     readiness.release("listeners");
     let health = tokio::spawn(health(
         containerd,
+        config.hosts.certs_dir.clone(),
         router.clone(),
         metrics.clone(),
         readiness.clone(),
@@ -283,11 +285,15 @@ pub fn metrics_app(metrics: Metrics, readiness: Readiness) -> axum::Router {
 /// Refreshes the peers gauge and the routing and containerd parts of readiness.
 async fn health(
     containerd: Arc<ContainerdStore>,
+    certs_dir: std::path::PathBuf,
     router: KademliaRouter,
     metrics: Metrics,
     readiness: Readiness,
 ) {
     let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    // Asked again after containerd was unreachable: it may have restarted with another config.
+    let mut inspected = false;
+    let mut last_findings: Option<Vec<Finding>> = None;
     loop {
         tick.tick().await;
         metrics.peers.set(router.peer_count() as i64);
@@ -308,9 +314,87 @@ async fn health(
             readiness.block("routing", "listener not bound yet");
         }
         match containerd.ping().await {
-            Ok(()) => readiness.release("containerd"),
-            Err(e) => readiness.block("containerd", format!("unreachable: {e}")),
+            Ok(()) => {
+                readiness.release("containerd");
+                if !inspected {
+                    inspected = check_containerd_config(
+                        &containerd,
+                        &certs_dir,
+                        &metrics,
+                        &readiness,
+                        &mut last_findings,
+                    )
+                    .await;
+                }
+            }
+            Err(e) => {
+                readiness.block("containerd", format!("unreachable: {e}"));
+                inspected = false;
+            }
         }
         metrics.ready.set(i64::from(readiness.is_ready()));
     }
+}
+
+/// Asks containerd about its configuration (`store::introspect`) and says what keeps this node
+/// from serving: a log line per finding (only when they change), a `/readyz` note that does
+/// not hold readiness back, and `speculum_containerd_config_problem`. Never blocks a pull.
+/// `false` when containerd did not answer (asked again on the next health tick).
+async fn check_containerd_config(
+    containerd: &ContainerdStore,
+    certs_dir: &std::path::Path,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    last: &mut Option<Vec<Finding>>,
+) -> bool {
+    let facts = match containerd.introspect().await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(error = %e, "containerd introspection failed; retrying");
+            return false;
+        }
+    };
+    // 1.7 creates the content directory with the first blob: its parent (containerd's root)
+    // being there is enough to tell "mounted" from "not mounted".
+    let visible = containerd
+        .content_dir()
+        .is_some_and(|d| d.is_dir() || d.parent().is_some_and(std::path::Path::is_dir));
+    let findings = introspect::findings(&facts, certs_dir, visible);
+    let version = facts.config_version();
+    for label in Finding::LABELS {
+        let on = findings.iter().any(|f| f.label() == label);
+        metrics
+            .containerd_problems
+            .get_or_create(&crate::metrics::ContainerdProblemLabels { problem: label })
+            .set(i64::from(on));
+    }
+    let messages: Vec<String> = findings
+        .iter()
+        .map(|f| f.message(version, certs_dir))
+        .collect();
+    if last.as_ref() != Some(&findings) {
+        tracing::info!(
+            containerd.version = %facts.version,
+            containerd.config_version = version,
+            content_root = ?facts.content_root,
+            content_dir = ?containerd.content_dir(),
+            registry_config_path = ?facts.registry_config_path,
+            discard_unpacked_layers = ?facts.discard_unpacked_layers,
+            source = ?facts.cri_source,
+            "containerd configuration"
+        );
+        for (finding, message) in findings.iter().zip(&messages) {
+            if matches!(finding, Finding::HostsDirUnknown) {
+                tracing::info!(problem = finding.label(), "{message}");
+            } else {
+                tracing::warn!(problem = finding.label(), "{message}");
+            }
+        }
+        *last = Some(findings);
+    }
+    readiness.note(
+        "containerd-config",
+        (!messages.is_empty()).then(|| messages.join("; ")),
+    );
+    true
 }

@@ -82,6 +82,12 @@ pub struct BytesLabels {
     pub source: Source,
 }
 
+/// One containerd configuration problem (`src/store/introspect.rs` `Finding::label`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContainerdProblemLabels {
+    pub problem: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerFailureLabels {
     pub reason: &'static str,
@@ -107,6 +113,8 @@ pub struct Metrics {
     /// Peers marked unreachable (silent on ping, or no answer to `has`).
     pub peers_unreachable: Counter,
     pub ready: Gauge,
+    /// 1 for each containerd configuration problem found at start (`speculum_containerd_config_problem`).
+    pub containerd_problems: Family<ContainerdProblemLabels, Gauge>,
     /// Decisions, evaluation latency, reloads (`speculum_policy_*`).
     pub policy: crate::policy::PolicyMetrics,
     /// Audit lines written and dropped (`speculum_audit_*`).
@@ -197,6 +205,12 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when the daemon reports ready", ready.clone());
+        let containerd_problems = Family::<ContainerdProblemLabels, Gauge>::default();
+        registry.register(
+            "containerd_config_problem",
+            "1 when the node's containerd configuration keeps this node from serving well (hosts dir not read, layers discarded, content root not visible; hosts_dir_unknown: containerd does not say)",
+            containerd_problems.clone(),
+        );
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let audit = crate::audit::AuditMetrics::register(&mut registry);
         let cache = crate::cache::coalesce::CacheMetrics::register(&mut registry);
@@ -215,6 +229,7 @@ impl Metrics {
             handshake_failures,
             peers_unreachable,
             ready,
+            containerd_problems,
             policy,
             audit,
             cache,

@@ -10,6 +10,8 @@
 //!
 //! Needs root (network namespaces). When not root, or with `SPECULUM_SKIP_RIG=1`, every test
 //! prints why it skipped, on stderr past cargo's capture, and returns.
+//! `make containerd-matrix` runs this file once per containerd line (`RIG_CONTAINERD=1.6|1.7|2.3|2.4`,
+//! default 2.3; see docs/containerd.md).
 //! Knobs: `RIG_BIG_MB` (size of the big layer, default 200), `RIG_DIR`, `SPECULUM_BIN` (default:
 //! the `speculum` binary cargo built for this test), `RIG_KILL_RATE` (node 1's link rate while the
 //! mid-transfer kill happens, default 400mbit).

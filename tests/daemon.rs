@@ -2,7 +2,10 @@
 //! becomes ready and serves its own content, and SIGTERM drains a blob that is still
 //! streaming (readiness drops first, the body arrives whole, the process exits 0).
 //!
-//! Needs root and Debian's containerd (as the store conformance test does).
+//! It also reports the node's containerd configuration (introspection): the content root
+//! without `--content-dir`, and what keeps the node from serving, without holding readiness.
+//!
+//! Needs root and a containerd of the matrix (`RIG_CONTAINERD`, as the store conformance test).
 
 mod common;
 
@@ -10,7 +13,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::containerd::Containerd;
+use common::containerd::{Containerd, CriOptions, Options};
 use common::daemon::Daemon;
 use speculum::oci::Digest;
 use speculum::store::conformance::{Fixture, Seeder, pseudo_random};
@@ -176,5 +179,123 @@ async fn lone_node_serves_its_store_and_drains_on_sigterm() {
     assert!(
         positions.windows(2).all(|w| w[0] < w[1]),
         "shutdown out of order:\n{log}"
+    );
+}
+
+/// A node whose containerd discards layers and reads no hosts directory of ours: the daemon
+/// still becomes ready (the pull path is not its to break), says so in `/readyz` and in
+/// `speculum_containerd_config_problem`, and, given no `--content-dir`, serves blobs from the
+/// content root containerd reported, with `sendfile(2)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_containerd_config_problems_without_blocking_readiness() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs.d");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    let rig = Containerd::start_with(
+        dir.path(),
+        Options {
+            cri: Some(CriOptions {
+                registry_config_path: None,
+                discard_unpacked_layers: true,
+            }),
+            ..Options::default()
+        },
+    )
+    .expect("containerd with cri");
+    let big = ingest_big(&rig, dir.path());
+    let certs_set = format!("hosts.certs_dir={}", certs.display());
+    let d = Daemon::start_without_content_dir(&rig, dir.path(), &["--set", &certs_set]);
+    let metrics = format!("http://{}", d.metrics);
+    wait_status(
+        &format!("{metrics}/readyz"),
+        200,
+        Duration::from_secs(20),
+        &d,
+    )
+    .await;
+
+    // What each version can tell (docs/containerd.md): 1.x through CRI status, 2.4 through
+    // plugin exports (an unset config_path is its default list, not ours), 2.3 nothing.
+    let want: &[&str] = match rig.version() {
+        (1, _) => &["hosts_dir_not_set", "layers_discarded"],
+        (2, minor) if minor >= 4 => &["hosts_dir_differs", "layers_discarded"],
+        _ => &["hosts_dir_unknown"],
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = client()
+            .get(format!("{metrics}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        if want.iter().all(|p| {
+            text.contains(&format!(
+                "speculum_containerd_config_problem{{problem=\"{p}\"}} 1"
+            ))
+        }) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want problems {want:?} for containerd {}; metrics:\n{text}\nlog:\n{}",
+            rig.line(),
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let on: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("speculum_containerd_config_problem{") && l.ends_with(" 1"))
+        .collect();
+    assert_eq!(on.len(), want.len(), "exactly {want:?}: {on:?}");
+    let readyz = client()
+        .get(format!("{metrics}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(readyz.status(), 200, "problems never hold readiness back");
+    let body = readyz.text().await.expect("readyz body");
+    assert!(body.contains("containerd-config: "), "{body}");
+    let key = if rig.version().0 >= 2 {
+        "io.containerd.cri.v1.images"
+    } else {
+        "io.containerd.grpc.v1.cri"
+    };
+    assert!(
+        body.contains(key),
+        "the note names the config key to change: {body}"
+    );
+    let log = d.log();
+    assert!(log.contains("\"containerd configuration\""), "{log}");
+
+    // No --content-dir: the blob still leaves through sendfile, from the discovered root.
+    let resp = client()
+        .get(format!("http://{}/v2/any/blobs/{big}", d.mirror))
+        .send()
+        .await
+        .expect("blob");
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.bytes().await.expect("body");
+    assert_eq!(Digest::sha256_of(&bytes), big);
+    let text = client()
+        .get(format!("{metrics}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let sent: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("speculum_served_sendfile_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        sent >= BIG as f64,
+        "{sent} bytes by sendfile; the discovered content root was not used\n{}",
+        d.log()
     );
 }

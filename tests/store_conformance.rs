@@ -1,9 +1,12 @@
-//! `ContainerdStore` against a real, private containerd (Debian's 1.6 here): the store
-//! conformance suite on both read paths, the file fast path's fallbacks, and behaviour while
-//! containerd is down and after it comes back.
+//! `ContainerdStore` against a real, private containerd: the store conformance suite on both
+//! read paths, the file fast path's fallbacks, behaviour while containerd is down and after it
+//! comes back, content-create events (2.1+) and what introspection finds out about the
+//! node's configuration.
 //!
-//! Needs `/usr/bin/containerd` and `ctr`, and root (containerd's root directory and
-//! snapshotters). Run: `cargo test --test store_conformance`.
+//! Which containerd: `RIG_CONTAINERD=1.6|1.7|2.3|2.4` (tests/containerd/containerd.sh; 1.6 is
+//! Debian's, the others are built on first use), default the 2.x LTS. `make test` runs this
+//! file once per line. Needs root (containerd's root directory and snapshotters).
+//! Run: `RIG_CONTAINERD=1.7 cargo test --test store_conformance`.
 
 mod common;
 
@@ -360,7 +363,7 @@ fn rig_starts_with_the_cri_plugin() {
         dir.path(),
         Options {
             cri: Some(CriOptions {
-                registry_config_path: certs,
+                registry_config_path: Some(certs),
                 discard_unpacked_layers: false,
             }),
             ..Options::default()
@@ -400,4 +403,148 @@ async fn fixture_images_unpack() {
         .filter(|l| l.contains("Committed"))
         .count();
     assert_eq!(committed, 3, "{snapshots}");
+}
+
+/// containerd ≥ 2.1 reports each committed blob (`/content/create`) and the store forwards it
+/// as `ContentAdded`; older versions send nothing, which the store must survive (its image
+/// events still work: the conformance suite's watch checks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_create_events_where_containerd_has_them() {
+    let (dir, rig) = start();
+    let store = ContainerdStore::new(rig.store_config()).expect("store");
+    let mut events = store.watch().await.expect("watch");
+    let has_events = rig.version() >= (2, 1);
+    // Subscriptions register asynchronously: ingest probes until one is reported (bounded).
+    let mut seen = None;
+    for attempt in 0..10 {
+        let bytes = format!("content-event probe {attempt} of {:?}", dir.path());
+        let digest = Digest::sha256_of(bytes.as_bytes());
+        let file = dir.path().join(format!("probe{attempt}"));
+        std::fs::write(&file, &bytes).expect("write probe");
+        let mut cmd = rig.ctr_command(&["content", "ingest", &format!("probe-{attempt}")]);
+        cmd.stdin(std::fs::File::open(&file).expect("open probe"));
+        let status = cmd.status().expect("ctr content ingest");
+        assert!(status.success(), "ctr content ingest: {status}");
+        // Content without a distribution-source label waits out the store's label poll
+        // (2 s) before it is reported.
+        let wait = tokio::time::timeout(Duration::from_secs(4), async {
+            while let Some(ev) = events.next().await {
+                if let StoreEvent::ContentAdded { digest: d, sources } = ev
+                    && d == digest
+                {
+                    return Some(sources);
+                }
+            }
+            None
+        });
+        if let Ok(Some(sources)) = wait.await {
+            seen = Some(sources);
+            break;
+        }
+        if !has_events && attempt >= 1 {
+            break; // two probes unreported: enough to say "none" for a version without them
+        }
+    }
+    if has_events {
+        let sources = seen.unwrap_or_else(|| {
+            panic!(
+                "containerd {} sent no content-create event\n{}",
+                rig.line(),
+                rig.log_tail(20)
+            )
+        });
+        assert!(
+            sources.is_empty(),
+            "ingested content has no source: {sources:?}"
+        );
+    } else {
+        assert!(
+            seen.is_none(),
+            "containerd {} has no content events",
+            rig.line()
+        );
+    }
+}
+
+/// Introspection finds the content root (so `content_dir` need not be configured), and, where
+/// the version exposes them (1.x: CRI status; 2.4+: plugin exports), CRI's `config_path` and
+/// `discard_unpacked_layers`; 2.0–2.3 say neither, which must come out as "unknown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_reports_content_root_and_cri_settings() {
+    use speculum::store::introspect::{Finding, findings};
+    let exposes = |rig: &Containerd| rig.version() < (2, 0) || rig.version() >= (2, 4);
+    let cases = [
+        ("well configured", true, false),
+        ("no config_path, layers discarded", false, true),
+    ];
+    for (name, with_path, discard) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let certs = dir.path().join("certs.d");
+        std::fs::create_dir_all(&certs).expect("mkdir");
+        let rig = Containerd::start_with(
+            dir.path(),
+            Options {
+                cri: Some(CriOptions {
+                    registry_config_path: with_path.then(|| certs.clone()),
+                    discard_unpacked_layers: discard,
+                }),
+                ..Options::default()
+            },
+        )
+        .expect("containerd with cri starts");
+        // gRPC only, no content_dir: introspection must supply it.
+        let store = ContainerdStore::new(rig.store_config()).expect("store");
+        assert_eq!(store.content_dir(), None);
+        let facts = store.introspect().await.expect("introspect");
+        assert_eq!(
+            facts.content_root.as_deref(),
+            Some(rig.content_dir.as_path()),
+            "{name}: content root"
+        );
+        assert_eq!(
+            store.content_dir(),
+            Some(rig.content_dir.as_path()),
+            "{name}: adopted"
+        );
+        let labels: Vec<&str> = findings(&facts, &certs, true)
+            .iter()
+            .map(Finding::label)
+            .collect();
+        if exposes(&rig) {
+            // 1.x leaves an unset config_path empty; 2.x fills in its default directories.
+            let (want_path, unset) = match (with_path, rig.version() >= (2, 0)) {
+                (true, _) => (certs.display().to_string(), None),
+                (false, false) => (String::new(), Some("hosts_dir_not_set")),
+                (false, true) => (
+                    "/etc/containerd/certs.d:/etc/docker/certs.d".to_owned(),
+                    Some("hosts_dir_differs"),
+                ),
+            };
+            assert_eq!(
+                facts.registry_config_path,
+                Some(want_path),
+                "{name}: {facts:?}"
+            );
+            assert_eq!(
+                facts.discard_unpacked_layers,
+                Some(discard),
+                "{name}: {facts:?}"
+            );
+            let want: Vec<&str> = unset
+                .into_iter()
+                .chain(discard.then_some("layers_discarded"))
+                .collect();
+            assert_eq!(labels, want, "{name}: {facts:?}");
+        } else {
+            assert_eq!(facts.registry_config_path, None, "{name}: {facts:?}");
+            assert_eq!(labels, vec!["hosts_dir_unknown"], "{name}: {facts:?}");
+        }
+        let expected_config_version = if rig.version() >= (2, 0) { 3 } else { 2 };
+        assert_eq!(
+            facts.config_version(),
+            expected_config_version,
+            "{}",
+            facts.version
+        );
+    }
 }

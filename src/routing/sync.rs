@@ -12,8 +12,14 @@
 //! a restart: the cache rebuilds its index from disk); the loop reconciles whenever the cache's
 //! complete set changes, so evicted blobs are withdrawn. In-flight blobs are advertised by the
 //! coalescer itself, at once.
+//!
+//! containerd ≥ 2.1 also says when each blob lands (`StoreEvent::ContentAdded`, before any
+//! image names it): such a blob is advertised at once, without waiting for the pull to end,
+//! when the policy allows it for one of the repositories it was pulled from. Until an image's
+//! closure covers it, reconciles keep it for [`EARLY_GRACE`] while the store still has it;
+//! after that only images keep it (a pull that failed leaves nothing advertised for long).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,9 +93,15 @@ pub struct Advertiser {
     readiness: Readiness,
     advertised: BTreeSet<String>,
     cache: Option<Arc<Cache>>,
+    /// Blobs advertised from content events that no image covers yet, and since when.
+    early: BTreeMap<String, tokio::time::Instant>,
 }
 
 const READINESS_PART: &str = "store";
+
+/// How long a blob advertised from its content event stays advertised without an image
+/// naming it: longer than any pull takes to end (a pull of many large layers on a slow link).
+pub const EARLY_GRACE: Duration = Duration::from_secs(15 * 60);
 
 impl Advertiser {
     pub fn new(
@@ -112,6 +124,7 @@ impl Advertiser {
             readiness,
             advertised: BTreeSet::new(),
             cache: None,
+            early: BTreeMap::new(),
         }
     }
 
@@ -187,6 +200,9 @@ impl Advertiser {
                     }
                 }
                 event = next(&mut events) => match event {
+                    Some(StoreEvent::ContentAdded { digest, sources }) => {
+                        self.advertise_early(&digest, &sources).await;
+                    }
                     Some(event) => {
                         tracing::debug!(?event, "store event");
                         self.debounce(&mut events).await;
@@ -202,14 +218,53 @@ impl Advertiser {
         self.withdraw_all().await;
     }
 
-    /// Swallows further events until `debounce` passes without one.
-    async fn debounce(&self, events: &mut Option<BoxStream<'static, StoreEvent>>) {
-        while let Ok(Some(_)) = tokio::time::timeout(self.config.debounce, next(events)).await {}
+    /// Swallows further image events until `debounce` passes without one; content events
+    /// met on the way are still advertised.
+    async fn debounce(&mut self, events: &mut Option<BoxStream<'static, StoreEvent>>) {
+        while let Ok(Some(event)) = tokio::time::timeout(self.config.debounce, next(events)).await {
+            if let StoreEvent::ContentAdded { digest, sources } = event {
+                self.advertise_early(&digest, &sources).await;
+            }
+        }
+    }
+
+    /// Advertises a blob that just landed, if the policy allows it for one of the
+    /// repositories it came from (the image is not known yet: the policy sees that
+    /// repository, no tag, and the blob's digest). No sources: left to the reconcile.
+    async fn advertise_early(&mut self, digest: &crate::oci::Digest, sources: &[(String, String)]) {
+        let key = digest.to_string();
+        if self.advertised.contains(&key) {
+            return;
+        }
+        let allowed = sources.iter().any(|(registry, repository)| {
+            (self.filter)(&Image {
+                registry: registry.clone(),
+                repository: repository.clone(),
+                tag: None,
+                digest: digest.clone(),
+            })
+            .content
+        });
+        if !allowed {
+            tracing::debug!(digest = %digest, ?sources, "content event: not advertised early");
+            return;
+        }
+        match self.router.advertise(vec![key.clone()]).await {
+            Ok(()) => {
+                self.advertised.insert(key.clone());
+                self.early.insert(key, tokio::time::Instant::now());
+                self.metrics
+                    .advertised_keys
+                    .set(self.advertised.len() as i64);
+                tracing::debug!(digest = %digest, "advertised on its content event");
+            }
+            Err(e) => tracing::warn!(error = %e, digest = %digest, "advertise failed"),
+        }
     }
 
     /// Computes the wanted keys and advertises/withdraws the difference.
     pub async fn reconcile(&mut self) {
-        let wanted = match self.wanted().await {
+        let mut wanted = match self.wanted().await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the store failed; keeping current advertisements");
@@ -219,6 +274,7 @@ impl Advertiser {
             }
         };
         self.readiness.release(READINESS_PART);
+        self.keep_early(&mut wanted).await;
         let add: Vec<String> = wanted.difference(&self.advertised).cloned().collect();
         let remove: Vec<String> = self.advertised.difference(&wanted).cloned().collect();
         if !add.is_empty() {
@@ -272,6 +328,28 @@ impl Advertiser {
             wanted.extend(cache.complete().iter().map(ToString::to_string));
         }
         Ok(wanted)
+    }
+
+    /// Adds the early-advertised blobs no image covers yet to `wanted`, while they are young
+    /// and the store still has them; forgets the rest (covered, expired or gone).
+    async fn keep_early(&mut self, wanted: &mut BTreeSet<String>) {
+        let early = std::mem::take(&mut self.early);
+        for (key, since) in early {
+            if wanted.contains(&key) || since.elapsed() >= EARLY_GRACE {
+                continue;
+            }
+            let Ok(digest) = key.parse::<crate::oci::Digest>() else {
+                continue;
+            };
+            match self.store.descriptor(&digest).await {
+                Ok(None) => {}
+                // Present, or cannot tell right now: keep it.
+                Ok(Some(_)) | Err(_) => {
+                    wanted.insert(key.clone());
+                    self.early.insert(key, since);
+                }
+            }
+        }
     }
 
     async fn withdraw_all(&mut self) {

@@ -13,9 +13,12 @@
 //!   [`StoreError::Unavailable`].
 //! - containerd keeps no media type for blobs, so it is recovered from the bytes
 //!   ([`media::detect`]) and cached per digest (content is immutable).
-//! - Only image events (`/images/create|update|delete`) are watched: containerd 1.6 and 1.7
-//!   publish no content-create events (2.1 added them), and content removed by garbage
-//!   collection never produces an event. Whoever consumes the events also reconciles.
+//! - Image events (`/images/create|update|delete`) and content-create events are watched.
+//!   containerd 1.6, 1.7 and 2.0 publish no `/content/create` (2.1 added it, fired when a blob
+//!   is committed, before any image names it), and content removed by garbage collection never
+//!   produces an event. Whoever consumes the events also reconciles.
+//! - The content root need not be configured: [`ContainerdStore::introspect`] adopts the one
+//!   containerd reports (`introspect.rs`) when it is visible here.
 //! - `events.Subscribe` answers with no response headers until the first event, so it is run
 //!   in a spawned task and never under a timeout.
 //! - The content store is `<root>/io.containerd.content.v1.content/blobs/<alg>/<hex>` in 1.6,
@@ -24,11 +27,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use containerd_client::events::ContentCreate;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::events_client::EventsClient;
 use containerd_client::services::v1::images_client::ImagesClient;
@@ -47,6 +51,7 @@ use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
+use super::introspect::{self, NodeFacts};
 use super::{
     ContentFile, ContentStream, Descriptor, Image, Store, StoreError, StoreEvent, exact_length,
 };
@@ -157,6 +162,8 @@ pub struct ContainerdStore {
     namespace: String,
     namespace_header: AsciiMetadataValue,
     content_dir: Option<PathBuf>,
+    /// The content root containerd reported, used when `content_dir` is not configured.
+    discovered_content_dir: OnceLock<PathBuf>,
     // A std Mutex: it is never held across an `.await`.
     media_types: Mutex<MediaTypeCache>,
 }
@@ -204,8 +211,31 @@ impl ContainerdStore {
             namespace: config.namespace,
             namespace_header,
             content_dir: config.content_dir,
+            discovered_content_dir: OnceLock::new(),
             media_types: Mutex::new(MediaTypeCache::default()),
         })
+    }
+
+    /// Asks containerd about its own configuration (see `introspect.rs`). When
+    /// `containerd.content_dir` is not configured (it stays an override), adopts the content
+    /// root containerd reports. Where that directory is not visible here, reads fall back to
+    /// gRPC file by file, as for a configured one (and the caller reports it).
+    pub async fn introspect(&self) -> Result<NodeFacts, StoreError> {
+        let facts = introspect::inspect(&self.channel).await?;
+        if self.content_dir.is_none()
+            && let Some(root) = &facts.content_root
+            && self.discovered_content_dir.set(root.clone()).is_ok()
+        {
+            tracing::info!(content_dir = %root.display(), "content root from containerd introspection");
+        }
+        Ok(facts)
+    }
+
+    /// The content store directory in use: the configured one, else the discovered one.
+    pub fn content_dir(&self) -> Option<&Path> {
+        self.content_dir
+            .as_deref()
+            .or_else(|| self.discovered_content_dir.get().map(PathBuf::as_path))
     }
 
     /// The containerd namespace this store reads.
@@ -307,7 +337,7 @@ impl ContainerdStore {
         offset: u64,
         len: u64,
     ) -> Option<ContentFile> {
-        let path = blob_path(self.content_dir.as_ref()?, digest);
+        let path = blob_path(self.content_dir()?, digest);
         let opened = tokio::task::spawn_blocking({
             let path = path.clone();
             move || open_checked(&path, size)
@@ -434,7 +464,7 @@ impl Store for ContainerdStore {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Option<ContentFile>, StoreError> {
-        if self.content_dir.is_none() {
+        if self.content_dir().is_none() {
             return Ok(None);
         }
         // The namespace check comes first, as for `open`: the file alone says nothing about it.
@@ -450,13 +480,23 @@ impl Store for ContainerdStore {
         // so ask once to give the caller a clear Unavailable.
         self.ping().await?;
         let req = self.request(SubscribeRequest {
-            filters: vec![image_event_filter(&self.namespace)],
+            filters: event_filters(&self.namespace),
         });
         let client = EventsClient::new(self.channel.clone());
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         // containerd's Subscribe sends response headers only with the first event, so the
         // call cannot be awaited here; a task owns it and ends when the consumer goes away.
-        tokio::spawn(forward_events(client, req, self.namespace.clone(), tx));
+        let sources = SourceReader {
+            client: self.content_client(),
+            header: self.namespace_header.clone(),
+        };
+        tokio::spawn(forward_events(
+            client,
+            req,
+            self.namespace.clone(),
+            sources,
+            tx,
+        ));
         Ok(ReceiverStream::new(rx).boxed())
     }
 }
@@ -467,6 +507,7 @@ async fn forward_events(
     mut client: EventsClient<Channel>,
     req: tonic::Request<SubscribeRequest>,
     namespace: String,
+    sources: SourceReader,
     tx: mpsc::Sender<StoreEvent>,
 ) {
     let mut stream = tokio::select! {
@@ -494,19 +535,101 @@ async fn forward_events(
                 }
             },
         };
-        if let Some(event) = decode_event(&envelope, &namespace)
-            && tx.send(event).await.is_err()
-        {
+        let event = match decode_event(&envelope, &namespace) {
+            // The distribution-source label lands just after the commit event: wait for it
+            // off this loop, so image events are not held up.
+            Some(StoreEvent::ContentAdded { digest, .. }) => {
+                let (sources, tx) = (sources.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let found = sources.wait_for(&digest).await;
+                    let _ = tx
+                        .send(StoreEvent::ContentAdded {
+                            digest,
+                            sources: found,
+                        })
+                        .await;
+                });
+                continue;
+            }
+            Some(event) => event,
+            None => continue,
+        };
+        if tx.send(event).await.is_err() {
             return;
         }
     }
 }
 
-/// The events-service filter for image events of one namespace (containerd filter syntax:
-/// comma-separated conditions all of which must hold; `~=` is a regular expression match).
-fn image_event_filter(namespace: &str) -> String {
+/// How long a content-create event waits for its blob's distribution-source label.
+/// containerd adds it right after the commit, in the same pull's handler chain (containerd
+/// `core/remotes/docker/handler.go`), so this bound only matters for content that never gets
+/// one (`ctr content ingest`, imports): those are left to the image-driven reconcile.
+const SOURCE_LABEL_WAIT: Duration = Duration::from_secs(2);
+const SOURCE_LABEL_POLL: Duration = Duration::from_millis(20);
+/// `containerd.io/distribution.source.<registry host without port>=<repo>[,<repo>…]`.
+const SOURCE_LABEL_PREFIX: &str = "containerd.io/distribution.source.";
+
+/// Reads where a blob was pulled from (its distribution-source labels).
+#[derive(Clone)]
+struct SourceReader {
+    client: ContentClient<Channel>,
+    header: AsciiMetadataValue,
+}
+
+impl SourceReader {
+    /// `(registry host, repository)` pairs of `digest`, polled until they appear or
+    /// [`SOURCE_LABEL_WAIT`] passes (then empty).
+    async fn wait_for(&self, digest: &Digest) -> Vec<(String, String)> {
+        let deadline = tokio::time::Instant::now() + SOURCE_LABEL_WAIT;
+        loop {
+            let mut req = tonic::Request::new(InfoRequest {
+                digest: digest.to_string(),
+            });
+            req.metadata_mut()
+                .insert(NAMESPACE_HEADER, self.header.clone());
+            let mut client = self.client.clone();
+            if let Ok(resp) = bounded(client.info(req)).await
+                && let Some(info) = resp.into_inner().info
+            {
+                let found = distribution_sources(&info.labels);
+                if !found.is_empty() {
+                    return found;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Vec::new();
+            }
+            tokio::time::sleep(SOURCE_LABEL_POLL).await;
+        }
+    }
+}
+
+/// The `(registry host, repository)` pairs in a blob's labels.
+fn distribution_sources(labels: &HashMap<String, String>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = labels
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(SOURCE_LABEL_PREFIX)?, v)))
+        .flat_map(|(host, repos)| {
+            repos
+                .split(',')
+                .filter(|r| !r.is_empty())
+                .map(move |r| (host.to_owned(), r.to_owned()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The events-service filters for one namespace: image events, and content-create events
+/// (2.1+; older versions have none, so asking costs nothing). containerd filter syntax: a
+/// comma joins conditions that must all hold, several filters are alternatives, `~=` is a
+/// regular expression match.
+fn event_filters(namespace: &str) -> Vec<String> {
     // Namespaces are validated identifiers, so quoting needs no escaping.
-    format!(r#"namespace=="{namespace}",topic~="^/images/""#)
+    vec![
+        format!(r#"namespace=="{namespace}",topic~="^/images/""#),
+        format!(r#"namespace=="{namespace}",topic=="/content/create""#),
+    ]
 }
 
 /// Turns an event envelope into a [`StoreEvent`]. The payload is decoded by its type URL,
@@ -529,6 +652,14 @@ fn decode_event(envelope: &Envelope, namespace: &str) -> Option<StoreEvent> {
         "containerd.services.images.v1.ImageDelete" => StoreEvent::ImageDeleted {
             name: ImageDelete::decode(bytes).ok()?.name,
         },
+        // The blob is committed; no image names it yet (its labels come later).
+        "containerd.events.ContentCreate" => {
+            let digest = ContentCreate::decode(bytes).ok()?.digest.parse().ok()?;
+            return Some(StoreEvent::ContentAdded {
+                digest,
+                sources: Vec::new(),
+            });
+        }
         _ => return None,
     };
     match &event {
@@ -589,7 +720,7 @@ fn open_checked(path: &Path, size: u64) -> std::io::Result<std::fs::File> {
 
 /// Runs a containerd call with [`CALL_TIMEOUT`]. Only for calls whose response headers come
 /// at once: containerd's events `Subscribe` sends none until the first event.
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     call: impl Future<Output = Result<T, tonic::Status>>,
 ) -> Result<T, tonic::Status> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
@@ -600,7 +731,7 @@ async fn bounded<T>(
     }
 }
 
-fn unavailable(op: &str, status: tonic::Status) -> StoreError {
+pub(super) fn unavailable(op: &str, status: tonic::Status) -> StoreError {
     StoreError::Unavailable {
         message: format!(
             "containerd {op} failed: {:?}: {}",
@@ -825,8 +956,37 @@ mod tests {
                 None,
             ),
             (
-                "content event",
+                "content delete event",
                 envelope("k8s.io", "containerd.events.ContentDelete", vec![]),
+                None,
+            ),
+            (
+                "content create event (2.1+)",
+                envelope(
+                    "k8s.io",
+                    "containerd.events.ContentCreate",
+                    ContentCreate {
+                        digest: Digest::sha256_of(b"layer").to_string(),
+                        size: 5,
+                    }
+                    .encode_to_vec(),
+                ),
+                Some(StoreEvent::ContentAdded {
+                    digest: Digest::sha256_of(b"layer"),
+                    sources: Vec::new(),
+                }),
+            ),
+            (
+                "content create event with a bad digest",
+                envelope(
+                    "k8s.io",
+                    "containerd.events.ContentCreate",
+                    ContentCreate {
+                        digest: "nope".into(),
+                        size: 5,
+                    }
+                    .encode_to_vec(),
+                ),
                 None,
             ),
             (
@@ -851,6 +1011,35 @@ mod tests {
         for (name, env, want) in cases {
             assert_eq!(decode_event(&env, "k8s.io"), want, "{name}");
         }
+    }
+
+    #[test]
+    fn distribution_sources_are_split_per_repository() {
+        let labels: HashMap<String, String> = [
+            ("containerd.io/distribution.source.10.0.0.2", "a/b,c"),
+            (
+                "containerd.io/distribution.source.docker.io",
+                "library/redis",
+            ),
+            ("containerd.io/gc.ref.content.l.0", "sha256:x"),
+            ("containerd.io/distribution.source.empty", ""),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            distribution_sources(&labels),
+            pairs(&[
+                ("10.0.0.2", "a/b"),
+                ("10.0.0.2", "c"),
+                ("docker.io", "library/redis")
+            ])
+        );
     }
 
     #[test]

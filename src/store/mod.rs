@@ -11,6 +11,7 @@
 
 pub mod conformance;
 pub mod containerd;
+pub mod introspect;
 pub mod memory;
 
 use std::collections::HashSet;
@@ -138,6 +139,14 @@ pub enum StoreEvent {
     ImageChanged { name: String },
     /// An image record was deleted (containerd `/images/delete`).
     ImageDeleted { name: String },
+    /// A blob was committed to the content store (containerd ≥ 2.1 `/content/create`); it may
+    /// belong to a pull still in progress, so no image names it yet. `sources`: where it was
+    /// pulled from, `(registry host without port, repository)` from containerd's
+    /// distribution-source labels; empty when it has none.
+    ContentAdded {
+        digest: Digest,
+        sources: Vec<(String, String)>,
+    },
 }
 
 /// Errors of the store seam.

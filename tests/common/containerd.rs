@@ -1,5 +1,10 @@
-//! A private, real containerd for tests: Debian's `/usr/bin/containerd` as a child process with
-//! its own root, state, sockets and config in a directory the test owns, stopped by PID.
+//! A private, real containerd for tests: a child process with its own root, state, sockets and
+//! config in a directory the test owns, stopped by PID.
+//!
+//! Which containerd: `RIG_CONTAINERD` (a line of `tests/containerd/containerd.sh`: `1.6` is
+//! Debian's `/usr/bin/containerd`, `1.7`, `2.3`, `2.4` are built from the Go module proxy and
+//! cached on first use), default the 2.x LTS. The config comes from the same script's writer
+//! (config version 2 for 1.x, 3 for 2.x), the one the rig uses.
 //!
 //! - [`Containerd::start`] boots one with the CRI plugin disabled (enough for content and image
 //!   tests; no network needed); [`Containerd::start_with`] takes [`Options`] to enable CRI
@@ -18,6 +23,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -41,8 +47,9 @@ const POLL: Duration = Duration::from_millis(25);
 /// CRI plugin settings (see shared/notes/containerd-rig.md for why each is set).
 #[derive(Debug, Clone)]
 pub struct CriOptions {
-    /// The `certs.d` tree containerd reads `hosts.toml` files from.
-    pub registry_config_path: PathBuf,
+    /// The `certs.d` tree containerd reads `hosts.toml` files from; `None` leaves CRI's
+    /// `config_path` unset (the misconfiguration the daemon must detect).
+    pub registry_config_path: Option<PathBuf>,
     pub discard_unpacked_layers: bool,
 }
 
@@ -55,6 +62,9 @@ pub struct Options {
     pub cri: Option<CriOptions>,
     /// Run containerd (and `ctr`) inside this network namespace, created by the test.
     pub netns: Option<String>,
+    /// Extra `KEY=VALUE` settings for the config writer (`tests/containerd/containerd.sh
+    /// config`), e.g. `concurrent_layer_fetch_buffer=1048576`.
+    pub extra_config: Vec<String>,
 }
 
 impl Default for Options {
@@ -63,8 +73,54 @@ impl Default for Options {
             namespace: "k8s.io".to_owned(),
             cri: None,
             netns: None,
+            extra_config: Vec::new(),
         }
     }
+}
+
+/// `tests/containerd/containerd.sh`: the version matrix's builder and config writer.
+fn matrix_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/containerd/containerd.sh")
+}
+
+/// Runs the matrix script; its stdout, trimmed, or an error with what it said.
+fn matrix(args: &[&str]) -> io::Result<String> {
+    let out = Command::new("bash")
+        .arg(matrix_script())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "containerd.sh {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The containerd line under test: `RIG_CONTAINERD`, else the matrix's default.
+pub fn line() -> String {
+    static LINE: OnceLock<String> = OnceLock::new();
+    LINE.get_or_init(|| match std::env::var("RIG_CONTAINERD") {
+        Ok(l) if !l.is_empty() => l,
+        _ => matrix(&["default"]).expect("containerd.sh default"),
+    })
+    .clone()
+}
+
+/// The directory with `containerd`, `ctr` and `containerd-shim-runc-v2` of [`line`] (built on
+/// first use: minutes; one build at a time machine-wide, others wait for it).
+pub fn bin_dir() -> io::Result<PathBuf> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        matrix(&["bin", &line()])
+            .map(PathBuf::from)
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(io::Error::other)
 }
 
 /// A running (or stopped) private containerd. See the module docs.
@@ -101,7 +157,7 @@ impl Containerd {
             )));
         }
         let config = dir.join("config.toml");
-        fs::write(&config, render_config(&dir, &socket, &options))?;
+        fs::write(&config, render_config(&dir, &socket, &options)?)?;
         let mut rig = Containerd {
             content_dir: root.join("io.containerd.content.v1.content"),
             namespace: options.namespace.clone(),
@@ -116,6 +172,18 @@ impl Containerd {
         };
         rig.spawn()?;
         Ok(rig)
+    }
+
+    /// The containerd line this daemon runs (`1.6`, `1.7`, `2.3`, …; see [`line`]).
+    pub fn line(&self) -> String {
+        line()
+    }
+
+    /// `(major, minor)` of [`line`], e.g. `(2, 3)`.
+    pub fn version(&self) -> (u32, u32) {
+        let l = line();
+        let mut parts = l.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
     }
 
     /// The PID of the running daemon.
@@ -220,16 +288,27 @@ impl Containerd {
         cmd
     }
 
-    /// `program`, prefixed with `ip netns exec <ns>` when running in a namespace.
+    /// `program` of the containerd under test (from [`bin_dir`]), prefixed with
+    /// `ip netns exec <ns>` when running in a namespace. PATH leads with the same directory:
+    /// containerd finds `containerd-shim-runc-v2` through it.
     fn command(&self, program: &str) -> Command {
-        match &self.options.netns {
+        let dir = bin_dir().unwrap_or_else(|e| panic!("containerd {}: {e}", line()));
+        let program = dir.join(program);
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut cmd = match &self.options.netns {
             Some(ns) => {
                 let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns, program]);
+                cmd.args(["netns", "exec", ns]).arg(program);
                 cmd
             }
             None => Command::new(program),
-        }
+        };
+        cmd.env("PATH", path);
+        cmd
     }
 
     fn spawn(&mut self) -> io::Result<()> {
@@ -303,56 +382,29 @@ fn ctr_result(args: &[&str], output: Output) -> io::Result<String> {
     }
 }
 
-/// The daemon's config.toml (version 2, read by containerd 1.6 and 1.7).
-fn render_config(dir: &Path, socket: &Path, options: &Options) -> String {
-    let p = |path: PathBuf| path.display().to_string();
-    let mut cfg = format!(
-        r#"version = 2
-root = "{root}"
-state = "{state}"
-{disabled}
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  address = ""
-[metrics]
-  address = ""
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-"#,
-        root = p(dir.join("root")),
-        state = p(dir.join("state")),
-        socket = socket.display(),
-        opt = p(dir.join("opt")),
-        disabled = if options.cri.is_none() {
-            r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#
-        } else {
-            ""
-        },
-    );
-    if let Some(cri) = &options.cri {
-        cfg.push_str(&format!(
-            r#"[plugins."io.containerd.grpc.v1.cri"]
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    discard_unpacked_layers = {discard}
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cni_bin}"
-    conf_dir = "{cni_conf}"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{hosts}"
-"#,
-            discard = cri.discard_unpacked_layers,
-            cni_bin = p(dir.join("cni/bin")),
-            cni_conf = p(dir.join("cni/conf")),
-            hosts = cri.registry_config_path.display(),
-        ));
+/// The daemon's config.toml, from the matrix's one writer (`containerd.sh config`).
+fn render_config(dir: &Path, socket: &Path, options: &Options) -> io::Result<String> {
+    let mut args = vec![
+        "config".to_owned(),
+        line(),
+        dir.display().to_string(),
+        format!("socket={}", socket.display()),
+    ];
+    match &options.cri {
+        None => args.push("cri=off".to_owned()),
+        Some(cri) => {
+            if let Some(path) = &cri.registry_config_path {
+                args.push(format!("config_path={}", path.display()));
+            }
+            args.push(format!(
+                "discard_unpacked_layers={}",
+                cri.discard_unpacked_layers
+            ));
+        }
     }
-    cfg
+    args.extend(options.extra_config.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    matrix(&args).map(|toml| toml + "\n")
 }
 
 /// Seeds the store conformance fixture into a rig (see the module docs).

@@ -29,6 +29,14 @@ impl Daemon {
     /// Starts the daemon on free ports against `rig`, its data and log under `dir`; `extra`
     /// arguments (e.g. `--set key=value`) come last.
     pub fn start(rig: &Containerd, dir: &Path, extra: &[&str]) -> Daemon {
+        let content_dir = rig.content_dir.display().to_string();
+        let mut args = vec!["--content-dir", content_dir.as_str()];
+        args.extend_from_slice(extra);
+        Daemon::start_without_content_dir(rig, dir, &args)
+    }
+
+    /// [`Daemon::start`] without `--content-dir`: the daemon must learn it from containerd.
+    pub fn start_without_content_dir(rig: &Containerd, dir: &Path, extra: &[&str]) -> Daemon {
         let (mirror, peer, metrics) = (free_port(), free_port(), free_port());
         let log = dir.join("speculum.log");
         let child = Command::new(env!("CARGO_BIN_EXE_speculum"))
@@ -41,7 +49,6 @@ impl Daemon {
             .args(["--data-dir", &dir.join("data").display().to_string()])
             .args(["--containerd-socket", &rig.socket.display().to_string()])
             .args(["--containerd-namespace", &rig.namespace])
-            .args(["--content-dir", &rig.content_dir.display().to_string()])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

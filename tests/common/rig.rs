@@ -306,23 +306,25 @@ impl Drop for Rig {
     }
 }
 
-/// The machine-wide rig lock (`flock(2)` on `/tmp/speculum-rig.lock`, the same lock the shell's
-/// `flock /tmp/speculum-rig.lock …` takes): the namespace names are fixed, so only one rig may
-/// exist on the machine at a time, whichever test binary or script brings it up. The in-process
-/// `SERIAL` mutex alone only orders this binary's own tests.
+/// The machine-wide rig lock (`flock(2)` on `$RIG_DIR.lock`, by default
+/// `/tmp/speculum-rig.lock`, the same lock the shell's `flock /tmp/speculum-rig.lock …` and
+/// `rig.sh up|down` take): the namespace names are fixed per `RIG_NS_PREFIX`, so only one rig
+/// per `RIG_DIR` may exist at a time, whichever test binary or script brings it up. The
+/// in-process `SERIAL` mutex alone only orders this binary's own tests.
 pub fn machine_lock() -> Result<std::fs::File> {
-    const PATH: &str = "/tmp/speculum-rig.lock";
+    let dir = std::env::var("RIG_DIR").unwrap_or_else(|_| "/tmp/speculum-rig".to_string());
+    let path = format!("{dir}.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(PATH)
-        .with_context(|| format!("opening {PATH}"))?;
+        .open(&path)
+        .with_context(|| format!("opening {path}"))?;
     match file.try_lock() {
         Ok(()) => return Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => {}
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {PATH}"));
+            return Err(e).with_context(|| format!("locking {path}"));
         }
     }
     // `flock /tmp/speculum-rig.lock cargo test --test cluster` already holds it for us: locking
@@ -331,7 +333,7 @@ pub fn machine_lock() -> Result<std::fs::File> {
         return Ok(file);
     }
     // Blocks while another rig user holds it; the kernel releases it if that user dies.
-    file.lock().with_context(|| format!("locking {PATH}"))?;
+    file.lock().with_context(|| format!("locking {path}"))?;
     Ok(file)
 }
 
