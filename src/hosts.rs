@@ -130,6 +130,17 @@ impl HostsConfig {
         problems
     }
 
+    /// The mirrored registries whose upstream is `http://` (as `ns` names them): the
+    /// daemon's own upstream requests (tag `HEAD`s) use plain http for these too.
+    pub fn plain_http_registries(&self) -> Vec<String> {
+        self.mirrored_registries
+            .iter()
+            .filter_map(|e| MirroredRegistry::parse(e).ok())
+            .filter(|r| r.server().is_some_and(|s| s.starts_with("http://")))
+            .map(|r| r.dir)
+            .collect()
+    }
+
     fn mirror_key(&self) -> String {
         self.mirror_endpoint.trim_end_matches('/').to_owned()
     }
