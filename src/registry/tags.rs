@@ -233,7 +233,20 @@ impl TagResolver {
             media::DOCKER_MANIFEST,
         ]
         .join(", ");
-        let accept = accept.filter(|a| !a.trim().is_empty()).unwrap_or(&all);
+        // containerd names the manifest types it accepts; a client that names none (`*/*`)
+        // gets what containerd would ask for, not whatever a registry sends for `*/*`.
+        let accept = accept
+            .filter(|a| {
+                [
+                    media::OCI_INDEX,
+                    media::OCI_MANIFEST,
+                    media::DOCKER_LIST,
+                    media::DOCKER_MANIFEST,
+                ]
+                .iter()
+                .any(|t| a.contains(t))
+            })
+            .unwrap_or(&all);
         let head = self.upstream.manifest_head(ns, repository, tag, accept);
         match tokio::time::timeout(self.timeout, head).await {
             Err(_) => UpstreamAnswer::Timeout,
