@@ -477,8 +477,16 @@ fn tag_moved_upstream_reaches_every_node_and_upstream_down_serves_the_cluster() 
     ensure!(small.digest != tags.digest, "the two images must differ");
     let old = renamed(small, "moved");
     let new = renamed(tags, "moved");
-    let pushed = rig.upstream_copy("rig/small:v1", "rig/moved:v1", &["--all", "--preserve-digests"])?;
-    ensure!(pushed == small.digest, "moved:v1 pushed as {pushed}, want {}", small.digest);
+    let pushed = rig.upstream_copy(
+        "rig/small:v1",
+        "rig/moved:v1",
+        &["--all", "--preserve-digests"],
+    )?;
+    ensure!(
+        pushed == small.digest,
+        "moved:v1 pushed as {pushed}, want {}",
+        small.digest
+    );
     for n in 1..=3 {
         rig.start_speculum(n)?;
     }
@@ -490,8 +498,16 @@ fn tag_moved_upstream_reaches_every_node_and_upstream_down_serves_the_cluster() 
     }
 
     rig.step("moving moved:v1 upstream to tags' manifest");
-    let moved = rig.upstream_copy("rig/tags:v1", "rig/moved:v1", &["--all", "--preserve-digests"])?;
-    ensure!(moved == tags.digest, "moved:v1 now {moved}, want {}", tags.digest);
+    let moved = rig.upstream_copy(
+        "rig/tags:v1",
+        "rig/moved:v1",
+        &["--all", "--preserve-digests"],
+    )?;
+    ensure!(
+        moved == tags.digest,
+        "moved:v1 now {moved}, want {}",
+        tags.digest
+    );
     for n in [2, 3] {
         rig.wait_mirror_finds(n, tags, &tags.digest)?;
     }
@@ -519,8 +535,9 @@ fn tag_moved_upstream_reaches_every_node_and_upstream_down_serves_the_cluster() 
             heads_after > heads,
             "node {n}'s daemon did not ask upstream for moved:v1 ({heads} → {heads_after} HEADs)"
         );
-        let containerd_after = rig.upstream_requests_by("HEAD", "/v2/rig/moved/", n, "containerd/")?
-            + rig.upstream_requests_by("GET", "/v2/rig/moved/", n, "containerd/")?;
+        let containerd_after =
+            rig.upstream_requests_by("HEAD", "/v2/rig/moved/", n, "containerd/")?
+                + rig.upstream_requests_by("GET", "/v2/rig/moved/", n, "containerd/")?;
         ensure!(
             containerd_after == containerd,
             "node {n}'s containerd went upstream for moved ({containerd} → {containerd_after} \
@@ -566,6 +583,33 @@ fn tag_moved_upstream_reaches_every_node_and_upstream_down_serves_the_cluster() 
             "node {n}: moved:v1 audited as {line:?}"
         );
     }
+
+    // What upstream-first costs on the mirror path: the daemons' own timing of their HEADs.
+    let (mut sum, mut count) = (0.0, 0.0);
+    for n in 1..=3 {
+        sum += rig.metric(
+            n,
+            &Series {
+                name: "speculum_mirror_tag_upstream_duration_seconds_sum",
+                labels: &[],
+            },
+        )?;
+        count += rig.metric(
+            n,
+            &Series {
+                name: "speculum_mirror_tag_upstream_duration_seconds_count",
+                labels: &[],
+            },
+        )?;
+    }
+    ensure!(
+        count >= 3.0,
+        "the daemons timed {count} upstream HEADs, want at least 3"
+    );
+    rig.step(&format!(
+        "upstream tag HEAD: {count} on 3 nodes, mean {:.2} ms",
+        sum / count * 1000.0
+    ));
 
     rig.step("upstream stops: node 2 pulls tags:v1, named by the cluster");
     rig.call(&["stop_upstream"])?;

@@ -28,7 +28,8 @@ use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
 use tokio::net::TcpListener;
 
-const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+const ACCEPT: &str =
+    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
 const TIMEOUT: Duration = Duration::from_millis(400);
 
 async fn spawn(app: axum::Router) -> SocketAddr {
@@ -176,7 +177,12 @@ async fn upstream(up: Up) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
                 addr: Arc::new(Mutex::new(None)),
             };
             let cell = state.addr.clone();
-            let addr = spawn(axum::Router::new().fallback(upstream_handler).with_state(state)).await;
+            let addr = spawn(
+                axum::Router::new()
+                    .fallback(upstream_handler)
+                    .with_state(state),
+            )
+            .await;
             *cell.lock().expect("lock") = Some(addr);
             (addr, seen)
         }
@@ -371,22 +377,182 @@ async fn upstream_first_table() {
         usize,
     );
     let cases: Vec<Case> = vec![
-        ("moved, new digest on this node", Up::Digest(any.clone()), NewAt::Local, UpstreamFirst, None, Want::New, "upstream", Some("digest"), 1),
-        ("moved, new digest on a peer", Up::Digest(any.clone()), NewAt::Peer, UpstreamFirst, None, Want::New, "upstream", Some("digest"), 1),
-        ("moved, nobody has the new digest", Up::Digest(any.clone()), NewAt::Nowhere, UpstreamFirst, None, Want::NotFound, "upstream", Some("digest"), 1),
-        ("public behind the token flow", challenge(200), NewAt::Peer, UpstreamFirst, None, Want::New, "upstream", Some("digest"), 2),
-        ("upstream says no digest", Up::NoDigest, NewAt::Local, UpstreamFirst, None, Want::NotFound, "upstream", Some("no-digest"), 1),
-        ("tag gone upstream", Up::Status(404), NewAt::Local, UpstreamFirst, None, Want::NotFound, "upstream", Some("not-found"), 1),
-        ("private: 401 without challenge", Up::Status(401), NewAt::Local, UpstreamFirst, None, Want::Old, "cluster", Some("refused-401"), 1),
-        ("private: the realm refuses", challenge(403), NewAt::Local, UpstreamFirst, None, Want::Old, "cluster", Some("refused-403"), 1),
-        ("forbidden", Up::Status(403), NewAt::Local, UpstreamFirst, None, Want::Old, "cluster", Some("refused-403"), 1),
-        ("rate limited", Up::Status(429), NewAt::Local, UpstreamFirst, None, Want::Old, "stale", Some("status-429"), 1),
-        ("server error", Up::Status(503), NewAt::Local, UpstreamFirst, None, Want::Old, "stale", Some("status-503"), 1),
-        ("silent upstream", Up::Silent, NewAt::Local, UpstreamFirst, None, Want::Old, "stale", Some("timeout"), 0),
-        ("unreachable upstream", Up::Unreachable, NewAt::Local, UpstreamFirst, None, Want::Old, "stale", Some("unreachable"), 0),
-        ("cluster-first by config", Up::Digest(any.clone()), NewAt::Local, ClusterFirst, None, Want::Old, "cluster", None, 0),
-        ("cluster-first by policy", Up::Digest(any.clone()), NewAt::Local, UpstreamFirst, Some(ClusterFirst), Want::Old, "cluster", None, 0),
-        ("upstream-first by policy", Up::Digest(any.clone()), NewAt::Local, ClusterFirst, Some(UpstreamFirst), Want::New, "upstream", Some("digest"), 1),
+        (
+            "moved, new digest on this node",
+            Up::Digest(any.clone()),
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::New,
+            "upstream",
+            Some("digest"),
+            1,
+        ),
+        (
+            "moved, new digest on a peer",
+            Up::Digest(any.clone()),
+            NewAt::Peer,
+            UpstreamFirst,
+            None,
+            Want::New,
+            "upstream",
+            Some("digest"),
+            1,
+        ),
+        (
+            "moved, nobody has the new digest",
+            Up::Digest(any.clone()),
+            NewAt::Nowhere,
+            UpstreamFirst,
+            None,
+            Want::NotFound,
+            "upstream",
+            Some("digest"),
+            1,
+        ),
+        (
+            "public behind the token flow",
+            challenge(200),
+            NewAt::Peer,
+            UpstreamFirst,
+            None,
+            Want::New,
+            "upstream",
+            Some("digest"),
+            2,
+        ),
+        (
+            "upstream says no digest",
+            Up::NoDigest,
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::NotFound,
+            "upstream",
+            Some("no-digest"),
+            1,
+        ),
+        (
+            "tag gone upstream",
+            Up::Status(404),
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::NotFound,
+            "upstream",
+            Some("not-found"),
+            1,
+        ),
+        (
+            "private: 401 without challenge",
+            Up::Status(401),
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::Old,
+            "cluster",
+            Some("refused-401"),
+            1,
+        ),
+        (
+            "private: the realm refuses",
+            challenge(403),
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::Old,
+            "cluster",
+            Some("refused-403"),
+            1,
+        ),
+        (
+            "forbidden",
+            Up::Status(403),
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::Old,
+            "cluster",
+            Some("refused-403"),
+            1,
+        ),
+        (
+            "rate limited",
+            Up::Status(429),
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::Old,
+            "stale",
+            Some("status-429"),
+            1,
+        ),
+        (
+            "server error",
+            Up::Status(503),
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::Old,
+            "stale",
+            Some("status-503"),
+            1,
+        ),
+        (
+            "silent upstream",
+            Up::Silent,
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::Old,
+            "stale",
+            Some("timeout"),
+            0,
+        ),
+        (
+            "unreachable upstream",
+            Up::Unreachable,
+            NewAt::Local,
+            UpstreamFirst,
+            None,
+            Want::Old,
+            "stale",
+            Some("unreachable"),
+            0,
+        ),
+        (
+            "cluster-first by config",
+            Up::Digest(any.clone()),
+            NewAt::Local,
+            ClusterFirst,
+            None,
+            Want::Old,
+            "cluster",
+            None,
+            0,
+        ),
+        (
+            "cluster-first by policy",
+            Up::Digest(any.clone()),
+            NewAt::Local,
+            UpstreamFirst,
+            Some(ClusterFirst),
+            Want::Old,
+            "cluster",
+            None,
+            0,
+        ),
+        (
+            "upstream-first by policy",
+            Up::Digest(any.clone()),
+            NewAt::Local,
+            ClusterFirst,
+            Some(UpstreamFirst),
+            Want::New,
+            "upstream",
+            Some("digest"),
+            1,
+        ),
     ];
     let c = client();
     for (name, up, new_at, mode, policy, want, source, upstream_label, heads) in cases {
@@ -416,7 +582,11 @@ async fn upstream_first_table() {
             Want::NotFound => assert_eq!(r.status(), 404, "{name}"),
             Want::Old => {
                 assert_eq!(r.status(), 200, "{name}");
-                assert_eq!(digest, Some(s.old.to_string()), "{name}: the cluster's digest");
+                assert_eq!(
+                    digest,
+                    Some(s.old.to_string()),
+                    "{name}: the cluster's digest"
+                );
             }
             Want::New => {
                 assert_eq!(r.status(), 200, "{name}");
@@ -431,7 +601,10 @@ async fn upstream_first_table() {
         assert_eq!(audit.len(), 1, "{name}: one audit line: {audit:#?}");
         assert_eq!(audit[0].tag_source.as_deref(), Some(source), "{name}");
         assert_eq!(audit[0].tag_upstream.as_deref(), upstream_label, "{name}");
-        assert_eq!(audit[0].reference, "v1", "{name}: the reference as requested");
+        assert_eq!(
+            audit[0].reference, "v1",
+            "{name}: the reference as requested"
+        );
         if want == Want::New {
             assert_eq!(audit[0].digest, Some(s.new.to_string()), "{name}");
         }
@@ -450,17 +623,26 @@ async fn upstream_first_table() {
             .count();
         assert_eq!(manifest_heads, heads, "{name}: HEADs upstream: {seen:#?}");
         assert!(
-            seen.iter().all(|r| r.method == "HEAD" || r.path == "/token"),
+            seen.iter()
+                .all(|r| r.method == "HEAD" || r.path == "/token"),
             "{name}: only HEADs (and the token) upstream: {seen:#?}"
         );
         for r in &seen {
             assert!(
-                r.authorization.is_none() || r.authorization.as_deref() == Some(&format!("Bearer {TOKEN}")),
+                r.authorization.is_none()
+                    || r.authorization.as_deref() == Some(&format!("Bearer {TOKEN}")),
                 "{name}: a credential reached upstream: {r:?}"
             );
-            assert!(r.cookie.is_none(), "{name}: a cookie reached upstream: {r:?}");
+            assert!(
+                r.cookie.is_none(),
+                "{name}: a cookie reached upstream: {r:?}"
+            );
             if r.method == "HEAD" {
-                assert_eq!(r.accept.as_deref(), Some(ACCEPT), "{name}: containerd's Accept");
+                assert_eq!(
+                    r.accept.as_deref(),
+                    Some(ACCEPT),
+                    "{name}: containerd's Accept"
+                );
             }
         }
     }
@@ -566,10 +748,21 @@ decision := {"allow": true, "reason": "public", "tag_resolution": tag_resolution
         Switches::default(),
         PolicyMetrics::unregistered(),
     );
-    let input = |repo: &str| speculum::policy::conformance::input("ghcr.io", repo, Some("v1"), None);
+    let input =
+        |repo: &str| speculum::policy::conformance::input("ghcr.io", repo, Some("v1"), None);
     let cases = [
-        ("default", "org/app", true, Some(TagResolution::UpstreamFirst)),
-        ("pinned", "pinned/app", true, Some(TagResolution::ClusterFirst)),
+        (
+            "default",
+            "org/app",
+            true,
+            Some(TagResolution::UpstreamFirst),
+        ),
+        (
+            "pinned",
+            "pinned/app",
+            true,
+            Some(TagResolution::ClusterFirst),
+        ),
         ("not a mode", "broken/app", false, None),
     ];
     for (name, repo, allow, mode) in cases {

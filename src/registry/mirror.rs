@@ -20,9 +20,9 @@ use tokio::sync::mpsc;
 
 use super::resume::{ByteStream, Reopen, resumable};
 use super::serve::{AccessLog, Counted, DOCKER_CONTENT_DIGEST, header_str};
+use super::tags::TagResolver;
 use super::{HOP_HEADER, PullRequest, RegistryError, RegistryState};
 use crate::metrics::{Metrics, PeerFailureLabels, Source};
-use super::tags::TagResolver;
 use crate::oci::{Digest, Kind, Target, media};
 use crate::policy::TagResolution;
 use crate::routing::{Peer, Router};

@@ -284,9 +284,19 @@ mod tests {
     fn upstream_answer_table() {
         let d: Digest = D.parse().expect("digest");
         let cases: Vec<(&str, u16, Option<&str>, UpstreamAnswer)> = vec![
-            ("200 with digest", 200, Some(D), UpstreamAnswer::Digest(d.clone())),
+            (
+                "200 with digest",
+                200,
+                Some(D),
+                UpstreamAnswer::Digest(d.clone()),
+            ),
             ("200 without digest", 200, None, UpstreamAnswer::NoDigest),
-            ("200 bad digest", 200, Some("sha256:xyz"), UpstreamAnswer::NoDigest),
+            (
+                "200 bad digest",
+                200,
+                Some("sha256:xyz"),
+                UpstreamAnswer::NoDigest,
+            ),
             ("204 with digest", 204, Some(D), UpstreamAnswer::Digest(d)),
             ("404", 404, None, UpstreamAnswer::NotFound),
             ("410", 410, None, UpstreamAnswer::NotFound),
@@ -301,7 +311,11 @@ mod tests {
         ];
         for (name, status, digest, want) in cases {
             let status = StatusCode::from_u16(status).expect("status");
-            assert_eq!(UpstreamAnswer::from_response(status, digest), want, "{name}");
+            assert_eq!(
+                UpstreamAnswer::from_response(status, digest),
+                want,
+                "{name}"
+            );
         }
     }
 
@@ -392,8 +406,14 @@ mod tests {
             reason: "x".into(),
             status: status.map(|s| StatusCode::from_u16(s).expect("status")),
         };
-        assert_eq!(from_error(&refused(Some(401))), UpstreamAnswer::Refused(401));
-        assert_eq!(from_error(&refused(Some(403))), UpstreamAnswer::Refused(403));
+        assert_eq!(
+            from_error(&refused(Some(401))),
+            UpstreamAnswer::Refused(401)
+        );
+        assert_eq!(
+            from_error(&refused(Some(403))),
+            UpstreamAnswer::Refused(403)
+        );
         assert_eq!(from_error(&refused(Some(500))), UpstreamAnswer::Unreachable);
         assert_eq!(from_error(&refused(None)), UpstreamAnswer::Unreachable);
         let length = UpstreamError::Length { url: "u".into() };
