@@ -130,6 +130,22 @@ ctr_pull() {
 	ctr_node "$n" images pull --hosts-dir "$(node_certs "$n")" "$ref"
 }
 
+# ctr_fetch N REF: `ctr content fetch` on node N through its hosts.toml: every blob of REF for
+# this platform and the image record, without unpacking (for layers containerd cannot unpack).
+ctr_fetch() {
+	local n=$1 ref=$2
+	ctr_node "$n" content fetch --hosts-dir "$(node_certs "$n")" "$ref" >/dev/null
+}
+
+# mirror_blob_type N REPO DIGEST: the Content-Type node N's mirror endpoint answers a blob HEAD
+# with (empty when it answers none).
+mirror_blob_type() {
+	local n=$1 repo=$2 digest=$3
+	node_exec "$n" curl -sfI --max-time 10 \
+		"${RIG_MIRROR_URL:-http://127.0.0.1:5080}/v2/$repo/blobs/$digest?ns=$(upstream_ip)%3A$RIG_UPSTREAM_PORT" |
+		awk 'tolower($1) == "content-type:" { sub(/\r$/, "", $2); print $2 }' || true
+}
+
 # image_digest N REF: the digest node N's containerd records for REF (empty if none).
 image_digest() {
 	ctr_node "$1" images ls "name==$2" | awk 'NR == 2 { print $3 }'
