@@ -640,6 +640,104 @@ fn tag_moved_upstream_reaches_every_node_and_upstream_down_serves_the_cluster() 
     Ok(())
 }
 
+/// Every layer media type travels peer to peer. `zstd` was pushed with skopeo
+/// `--dest-compress-format zstd`, `chunked` with `zstd:chunked` (annotated zstd layers with a
+/// skippable table-of-contents frame; containerd 1.6 cannot unpack skopeo 1.9's, so it is
+/// fetched with `ctr content fetch`, which records the image without unpacking). Node 1 gets
+/// both through its daemon; the upstream stops; node 2 gets both, every byte from node 1, and
+/// its mirror describes each layer with the media type its manifest declares.
+#[test]
+fn zstd_and_zstd_chunked_layers_are_served_peer_to_peer() -> Result<()> {
+    let Some(rig) = Rig::start(
+        "zstd_and_zstd_chunked_layers_are_served_peer_to_peer",
+        &["zstd", "chunked"],
+    )?
+    else {
+        return Ok(());
+    };
+    const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    let images = rig.images()?;
+    let zstd = image_named(&images, "zstd")?;
+    let chunked = image_named(&images, "chunked")?;
+    for image in [zstd, chunked] {
+        ensure!(
+            image.layers().count() == 2 && image.layers().all(|b| b.media_type == ZSTD),
+            "{} was not pushed with zstd layers: {:?}",
+            image.name,
+            image.layers().map(|b| &b.media_type).collect::<Vec<_>>()
+        );
+    }
+    for n in 1..=2 {
+        rig.start_speculum(n)?;
+    }
+
+    rig.step("node 1 pulls zstd (CRI) and fetches chunked (ctr) through its daemon");
+    rig.cri_pull(1, zstd.tag("v1")?, zstd)?;
+    rig.call(&["ctr_fetch", "1", chunked.tag("v1")?])?;
+    for image in [zstd, chunked] {
+        rig.verify_blobs(1, image)?;
+        rig.wait_mirror_finds(2, image, &image.digest)?;
+    }
+
+    rig.step("upstream stops; node 2 gets both from node 1");
+    rig.call(&["stop_upstream"])?;
+    rig.cri_pull(2, zstd.tag("v1")?, zstd)?;
+    rig.call(&["ctr_fetch", "2", chunked.tag("v1")?])?;
+    let recorded = rig.call(&["image_digest", "2", chunked.tag("v1")?])?;
+    ensure!(
+        recorded.trim() == chunked.digest,
+        "node 2 recorded chunked:v1 as {:?}, want {}",
+        recorded.trim(),
+        chunked.digest
+    );
+    for image in [zstd, chunked] {
+        rig.verify_blobs(2, image)?;
+    }
+    ensure!(
+        rig.upstream_gets("/v2/", Some(2))? == 0,
+        "node 2 sent GETs upstream"
+    );
+    let layer_bytes = zstd.layer_bytes() + chunked.layer_bytes();
+    let from_peers = rig.metric(2, &PEER_BYTES)?;
+    ensure!(
+        from_peers >= layer_bytes as f64,
+        "node 2 got {from_peers} bytes from peers, want at least the {layer_bytes} bytes of zstd layers"
+    );
+    let audit = rig.audit(2, |lines| {
+        lines
+            .iter()
+            .filter(|l| l.kind == "blob" && l.served_from == "peer")
+            .count()
+            >= 4
+    })?;
+    for image in [zstd, chunked] {
+        for blob in image.layers() {
+            ensure!(
+                audit.iter().any(|l| l.kind == "blob"
+                    && l.reference == blob.digest
+                    && l.served_from == "peer"
+                    && l.bytes == blob.size),
+                "node 2: no audit line for {} layer {} served whole from a peer",
+                image.name,
+                blob.digest
+            );
+            // Described from the manifest's descriptor, on node 2 (now local) and node 1.
+            for n in ["2", "1"] {
+                let got = rig.call(&["mirror_blob_type", n, &image.repository, &blob.digest])?;
+                ensure!(
+                    got.trim() == ZSTD,
+                    "node {n} describes {} layer {} as {:?}, want {ZSTD}",
+                    image.name,
+                    blob.digest,
+                    got.trim()
+                );
+            }
+        }
+    }
+    rig.step("done");
+    Ok(())
+}
+
 #[test]
 fn metric_samples_are_summed_by_label_subset() {
     let text = "# HELP speculum_served_bytes Bytes\n\
