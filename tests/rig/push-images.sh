@@ -89,12 +89,14 @@ push_image() {
 }
 
 # record IMAGES_JSON_LINES: merges freshly pushed entries into images.json and rewrites images.tsv.
+# On-demand images stay recorded only until the next push: "every image" never includes them.
 record() {
 	local fresh=$1 old='[]'
 	[[ -f $RIG_DIR/images.json ]] && old=$(jq -c .images "$RIG_DIR/images.json")
 	jq -n --argjson old "$old" --slurpfile fresh <(printf '%s\n' "$fresh") --arg host "$(upstream_host)" '
 		{registry: $host,
-		 images: (($old | map(select(.name as $n | ($fresh | map(.name) | index($n)) | not))) + $fresh
+		 images: (($old | map(select(.on_demand != true)
+		                      | select(.name as $n | ($fresh | map(.name) | index($n)) | not))) + $fresh
 		          | sort_by(.name))}
 	' >"$RIG_DIR/images.json.tmp"
 	mv "$RIG_DIR/images.json.tmp" "$RIG_DIR/images.json"
