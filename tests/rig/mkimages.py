@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 
 # Bump when anything below changes what is generated: the cache is keyed by it.
-VERSION = "v2"
+VERSION = "v3"
 
 # 2000-01-01T00:00:00Z: a fixed, obviously synthetic timestamp for tar headers and configs.
 EPOCH = 946684800
