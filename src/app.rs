@@ -116,7 +116,8 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         plain_http,
         metrics.clone(),
     )
-    .context("building the upstream HTTP client for tags")?;
+    .context("building the upstream HTTP client for tags")?
+    .only_for(config.hosts.mirrored_dirs());
     tracing::info!(
         tag_resolution = config.mirror.tag_resolution.as_str(),
         "tag resolution"

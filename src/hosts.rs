@@ -141,6 +141,21 @@ impl HostsConfig {
             .collect()
     }
 
+    /// The registries (as `ns` names them) containerd sends to the mirror: `None` when
+    /// `_default` is mirrored (every registry). The daemon's own upstream requests go only to
+    /// these, so a local client cannot point it at arbitrary hosts with a made-up `ns`.
+    pub fn mirrored_dirs(&self) -> Option<Vec<String>> {
+        let parsed: Vec<MirroredRegistry> = self
+            .mirrored_registries
+            .iter()
+            .filter_map(|e| MirroredRegistry::parse(e).ok())
+            .collect();
+        if parsed.iter().any(|r| r.dir == DEFAULT_DIR) {
+            return None;
+        }
+        Some(parsed.into_iter().map(|r| r.dir).collect())
+    }
+
     fn mirror_key(&self) -> String {
         self.mirror_endpoint.trim_end_matches('/').to_owned()
     }

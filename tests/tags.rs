@@ -271,7 +271,8 @@ async fn setup(up: Up, new_at: NewAt, mode: TagResolution, policy: Option<TagRes
         ..MirrorConfig::default()
     };
     let resolver = TagResolver::new(mode, TIMEOUT, vec![ns.clone()], metrics.clone())
-        .expect("upstream client");
+        .expect("upstream client")
+        .only_for(Some(vec![ns.clone(), "other.test:5000".to_owned()]));
     let mirror = Mirror::new(
         Arc::new(MemoryRouter::with_static(peers)),
         config,
@@ -721,6 +722,60 @@ async fn only_tags_from_containerd_go_upstream() {
     );
     let audit = records(&s.audit, 2).await;
     assert!(audit.iter().all(|r| r.tag_source.is_none()), "{audit:#?}");
+}
+
+/// A registry the node does not mirror is never asked: a local client's made-up `ns` cannot
+/// point the daemon at a host of its choosing.
+#[tokio::test]
+async fn registries_not_mirrored_are_never_asked() {
+    let (addr, seen) = upstream(Up::Status(404)).await;
+    let metrics = Metrics::new();
+    let resolver = TagResolver::new(
+        TagResolution::UpstreamFirst,
+        TIMEOUT,
+        vec![addr.to_string()],
+        metrics.clone(),
+    )
+    .expect("client")
+    .only_for(Some(vec!["ghcr.io".to_owned()]));
+    let r = resolver
+        .resolve(
+            TagResolution::UpstreamFirst,
+            &addr.to_string(),
+            "rig/app",
+            "v1",
+            None,
+        )
+        .await;
+    assert_eq!(r.plan, speculum::registry::tags::Plan::Cluster);
+    assert_eq!(r.upstream.as_deref(), Some("not-mirrored"));
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "nothing sent upstream"
+    );
+    let any = TagResolver::new(
+        TagResolution::UpstreamFirst,
+        TIMEOUT,
+        vec![addr.to_string()],
+        metrics,
+    )
+    .expect("client")
+    .only_for(None);
+    let r = any
+        .resolve(
+            TagResolution::UpstreamFirst,
+            &addr.to_string(),
+            "rig/app",
+            "v1",
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.plan,
+        speculum::registry::tags::Plan::NotFound,
+        "`_default`: any registry"
+    );
+    assert_eq!(seen.lock().expect("lock").len(), 1);
 }
 
 /// The policy's `tag_resolution` through a real Rego bundle: per repository, and a value that

@@ -18,6 +18,7 @@
 //! | 404 / 410 | 404: the tag is gone; a stale one is never served | `upstream` |
 //! | 401 / 403 (anonymous pulls refused: a private repository) | the cluster, as the policy allows | `cluster` |
 //! | 429, 5xx, any other status, refused, TLS error, timeout | the cluster (stale-if-error) | `stale` |
+//! | (not asked: `ns` is not a mirrored registry) | the cluster | `cluster` |
 //!
 //! Every path ends in a 404 (containerd goes upstream with its own credentials) or in the
 //! cluster's answer: a pull never fails because of tag resolution. The `HEAD` carries no
@@ -145,6 +146,8 @@ pub struct TagResolver {
     mode: TagResolution,
     timeout: Duration,
     metrics: Metrics,
+    /// The registries upstream may be asked about (`None`: any).
+    registries: Option<Vec<String>>,
 }
 
 impl TagResolver {
@@ -162,7 +165,16 @@ impl TagResolver {
             mode,
             timeout,
             metrics,
+            registries: None,
         })
+    }
+
+    /// Asks upstream only about these registries (`ns` values: the mirrored registries);
+    /// a tag of any other registry resolves through the cluster. A made-up `ns` from a local
+    /// client then cannot make the daemon send requests to a host of its choosing.
+    pub fn only_for(mut self, registries: Option<Vec<String>>) -> TagResolver {
+        self.registries = registries;
+        self
     }
 
     /// The configured mode (`mirror.tag_resolution`), used when the policy does not choose.
@@ -180,7 +192,16 @@ impl TagResolver {
         tag: &str,
         accept: Option<&str>,
     ) -> Resolution {
+        let mirrored = self
+            .registries
+            .as_ref()
+            .is_none_or(|r| r.iter().any(|h| h == ns));
         let resolution = match mode {
+            TagResolution::UpstreamFirst if !mirrored => Resolution {
+                plan: Plan::Cluster,
+                source: TagSource::Cluster,
+                upstream: Some("not-mirrored".to_owned()),
+            },
             TagResolution::ClusterFirst => Resolution {
                 plan: Plan::Cluster,
                 source: TagSource::Cluster,
