@@ -170,6 +170,9 @@ write_speculum_config() {
 		  certs_dir: "$DIR/certs.d"
 		  mirrored_registries: ["http://$REG"]
 		  mirror_endpoint: "http://127.0.0.1:5080"
+		# The HEAD figure is the local store's; upstream-first would add the registry's own HEAD.
+		mirror:
+		  tag_resolution: cluster-first
 		log:
 		  level: warn
 	EOF

@@ -22,6 +22,7 @@ use crate::metrics::{Handler, Metrics};
 use crate::policy::reload as policy_reload;
 use crate::readiness::Readiness;
 use crate::registry::listen::ServeOptions;
+use crate::registry::tags::TagResolver;
 use crate::registry::{self, Guard, Mirror, RegistryState, TenancyGuard};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
@@ -106,8 +107,25 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         "speculum starting"
     );
 
+    // Upstream over http where the operator said so: the cache's list, and the mirrored
+    // registries configured as `http://` (hosts.toml's `server` is http for those).
+    let mut plain_http = config.cache.plain_http.clone();
+    plain_http.extend(config.hosts.plain_http_registries());
+    let tags = TagResolver::new(
+        config.mirror.tag_resolution,
+        config.mirror.tag_upstream_timeout,
+        plain_http,
+        metrics.clone(),
+    )
+    .context("building the upstream HTTP client for tags")?
+    .only_for(config.hosts.mirrored_dirs());
+    tracing::info!(
+        tag_resolution = config.mirror.tag_resolution.as_str(),
+        "tag resolution"
+    );
     let mirror = Mirror::new(router_dyn.clone(), config.mirror.clone(), metrics.clone())
-        .context("building the peer HTTP client")?;
+        .context("building the peer HTTP client")?
+        .with_tags(tags);
     let coalescer = if config.cache.enabled {
         let cache = Cache::open(&config.cache.dir, config.cache.max_bytes)
             .context("opening the blob cache")?;

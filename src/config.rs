@@ -490,6 +490,69 @@ mod tests {
     }
 
     #[test]
+    fn tag_resolution_table() {
+        use crate::policy::TagResolution::{ClusterFirst, UpstreamFirst};
+        // (name, environment, overrides, want: Ok((mode, timeout ms, plain http)) or Err(text))
+        type Case<'a> = (
+            &'a str,
+            Vec<(&'a str, &'a str)>,
+            Vec<(&'a str, &'a str)>,
+            Result<(crate::policy::TagResolution, u64, Vec<&'a str>), &'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            ("default", vec![], vec![], Ok((UpstreamFirst, 1500, vec![]))),
+            (
+                "env cluster-first",
+                vec![("SPECULUM_MIRROR_TAG_RESOLUTION", "cluster-first")],
+                vec![],
+                Ok((ClusterFirst, 1500, vec![])),
+            ),
+            (
+                "flag timeout, http registry",
+                vec![(
+                    "SPECULUM_HOSTS_MIRRORED_REGISTRIES",
+                    "http://10.0.0.5:5000,https://ghcr.io",
+                )],
+                vec![("mirror.tag_upstream_timeout", "2s")],
+                Ok((UpstreamFirst, 2000, vec!["10.0.0.5:5000"])),
+            ),
+            (
+                "not a mode",
+                vec![("SPECULUM_MIRROR_TAG_RESOLUTION", "sometimes")],
+                vec![],
+                Err("mirror"),
+            ),
+            (
+                "timeout too long",
+                vec![],
+                vec![("mirror.tag_upstream_timeout", "1m")],
+                Err("mirror.tag_upstream_timeout"),
+            ),
+        ];
+        for (name, vars, overrides, want) in cases {
+            let overrides: Vec<(String, String)> = overrides
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            match (load(None, env(&vars), &overrides), want) {
+                (Ok(cfg), Ok((mode, ms, plain))) => {
+                    assert_eq!(cfg.mirror.tag_resolution, mode, "{name}");
+                    assert_eq!(
+                        cfg.mirror.tag_upstream_timeout,
+                        Duration::from_millis(ms),
+                        "{name}"
+                    );
+                    assert_eq!(cfg.hosts.plain_http_registries(), plain, "{name}");
+                }
+                (Err(e), Err(text)) => {
+                    assert!(e.to_string().contains(text), "{name}: {e}");
+                }
+                (got, want) => panic!("{name}: got {:?}, want {want:?}", got.map(|_| ())),
+            }
+        }
+    }
+
+    #[test]
     fn resolve_tags_switch_reaches_hosts() {
         let cases = [
             ("default", vec![], true, true),

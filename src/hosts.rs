@@ -130,6 +130,32 @@ impl HostsConfig {
         problems
     }
 
+    /// The mirrored registries whose upstream is `http://` (as `ns` names them): the
+    /// daemon's own upstream requests (tag `HEAD`s) use plain http for these too.
+    pub fn plain_http_registries(&self) -> Vec<String> {
+        self.mirrored_registries
+            .iter()
+            .filter_map(|e| MirroredRegistry::parse(e).ok())
+            .filter(|r| r.server().is_some_and(|s| s.starts_with("http://")))
+            .map(|r| r.dir)
+            .collect()
+    }
+
+    /// The registries (as `ns` names them) containerd sends to the mirror: `None` when
+    /// `_default` is mirrored (every registry). The daemon's own upstream requests go only to
+    /// these, so a local client cannot point it at arbitrary hosts with a made-up `ns`.
+    pub fn mirrored_dirs(&self) -> Option<Vec<String>> {
+        let parsed: Vec<MirroredRegistry> = self
+            .mirrored_registries
+            .iter()
+            .filter_map(|e| MirroredRegistry::parse(e).ok())
+            .collect();
+        if parsed.iter().any(|r| r.dir == DEFAULT_DIR) {
+            return None;
+        }
+        Some(parsed.into_iter().map(|r| r.dir).collect())
+    }
+
     fn mirror_key(&self) -> String {
         self.mirror_endpoint.trim_end_matches('/').to_owned()
     }

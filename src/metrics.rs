@@ -93,6 +93,13 @@ pub struct PeerFailureLabels {
     pub reason: &'static str,
 }
 
+/// `source`: who named a tag's digest — `upstream`, `cluster` or `stale`
+/// (`registry::tags::TagSource`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TagLabels {
+    pub source: &'static str,
+}
+
 /// Every metric the daemon records. Cheap to clone (each metric is an `Arc` inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -105,6 +112,10 @@ pub struct Metrics {
     pub sendfile_bytes: Counter,
     pub peer_failures: Family<PeerFailureLabels, Counter>,
     pub resumes: Counter,
+    /// Tag requests on the mirror endpoint by who named the digest.
+    pub tag_resolutions: Family<TagLabels, Counter>,
+    /// Time of the upstream `HEAD` that resolves a tag (`upstream-first`).
+    pub tag_upstream_duration: Histogram,
     pub lookup_duration: Histogram,
     pub advertised_keys: Gauge,
     pub peers: Gauge,
@@ -177,6 +188,18 @@ impl Metrics {
             "Blob streams resumed from another peer after a break",
             resumes.clone(),
         );
+        let tag_resolutions = Family::<TagLabels, Counter>::default();
+        registry.register(
+            "mirror_tag_resolutions",
+            "Tag requests by who named the digest (upstream, cluster, stale: the cluster because upstream could not answer)",
+            tag_resolutions.clone(),
+        );
+        let tag_upstream_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "mirror_tag_upstream_duration_seconds",
+            "Time of the anonymous upstream HEAD that resolves a tag, token included",
+            tag_upstream_duration.clone(),
+        );
         let lookup_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
             "routing_lookup_duration_seconds",
@@ -223,6 +246,8 @@ impl Metrics {
             sendfile_bytes,
             peer_failures,
             resumes,
+            tag_resolutions,
+            tag_upstream_duration,
             lookup_duration,
             advertised_keys,
             peers,

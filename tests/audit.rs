@@ -37,6 +37,8 @@ fn record(i: usize) -> AuditRecord {
         peer: None,
         requester: None,
         grant: None,
+        tag_source: None,
+        tag_upstream: None,
         status: if decision == "deny" { 404 } else { 200 },
         bytes: if decision == "deny" { 0 } else { 1000 },
         duration_ms: 1.5,

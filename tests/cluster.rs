@@ -286,6 +286,9 @@ fn tag_switches_latest_and_tags_resolve_upstream_content_from_peers() -> Result<
     let images = rig.images()?;
     let tags = image_named(&images, "tags")?;
     rig.set_env("RIG_RESOLVE_LATEST_TAG", "false");
+    // The switches' own behaviour: tags the cluster resolves, without asking upstream first
+    // (upstream-first has its own test below).
+    rig.set_env("RIG_TAG_RESOLUTION", "cluster-first");
     rig.start_speculum(1)?;
     rig.start_speculum(2)?;
     rig.set_env("RIG_RESOLVE_LATEST_TAG", "true");
@@ -426,6 +429,324 @@ fn tag_switches_latest_and_tags_resolve_upstream_content_from_peers() -> Result<
         audit1.iter().all(|l| l.repository == tags.repository),
         "node 1 audited requests for other repositories"
     );
+    Ok(())
+}
+
+/// Tag resolutions counted by source, on one node.
+fn tag_resolutions(source: &'static str) -> Series {
+    let labels: &'static [(&'static str, &'static str)] = match source {
+        "upstream" => &[("source", "upstream")],
+        "cluster" => &[("source", "cluster")],
+        _ => &[("source", "stale")],
+    };
+    Series {
+        name: "speculum_mirror_tag_resolutions_total",
+        labels,
+    }
+}
+
+/// `image` as pushed under another repository (`rig/<repo>`), same digest and blobs.
+fn renamed(image: &Image, repo: &str) -> Image {
+    let host = upstream_host();
+    let mut i = image.clone();
+    i.name = repo.to_owned();
+    i.repository = format!("rig/{repo}");
+    i.by_digest = format!("{host}/rig/{repo}@{}", image.digest);
+    i.refs = [("v1".to_owned(), format!("{host}/rig/{repo}:v1"))].into();
+    i
+}
+
+/// `upstream-first` (the default), end to end. Every node holds `rig/moved:v1` at its old
+/// digest (a copy of `small`); then the tag moves upstream (to `tags`' manifest, which node 1
+/// already holds). Every node pulls `moved:v1` by tag again and must record the **new** digest
+/// — each daemon asked upstream with one HEAD (its user agent in the registry's log), none of
+/// the containerds went upstream for the manifest, and nodes 2 and 3 got every layer from
+/// peers. Then the upstream stops: node 2 pulls `tags:v1`, which only node 1 holds under that
+/// name, and gets the cluster's digest (stale-if-error). Audit lines and metrics say which
+/// source named each digest. Under `cluster-first` the re-pulls would keep the old digest.
+#[test]
+fn tag_moved_upstream_reaches_every_node_and_upstream_down_serves_the_cluster() -> Result<()> {
+    let Some(rig) = Rig::start(
+        "tag_moved_upstream_reaches_every_node_and_upstream_down_serves_the_cluster",
+        &["small", "tags"],
+    )?
+    else {
+        return Ok(());
+    };
+    let images = rig.images()?;
+    let small = image_named(&images, "small")?;
+    let tags = image_named(&images, "tags")?;
+    ensure!(small.digest != tags.digest, "the two images must differ");
+    let old = renamed(small, "moved");
+    let new = renamed(tags, "moved");
+    let pushed = rig.upstream_copy(
+        "rig/small:v1",
+        "rig/moved:v1",
+        &["--all", "--preserve-digests"],
+    )?;
+    ensure!(
+        pushed == small.digest,
+        "moved:v1 pushed as {pushed}, want {}",
+        small.digest
+    );
+    for n in 1..=3 {
+        rig.start_speculum(n)?;
+    }
+
+    rig.step("node 1 pulls tags:v1; every node pulls moved:v1 at its old digest");
+    rig.cri_pull(1, tags.tag("v1")?, tags)?;
+    for n in 1..=3 {
+        rig.cri_pull(n, old.tag("v1")?, &old)?;
+    }
+
+    rig.step("moving moved:v1 upstream to tags' manifest");
+    let moved = rig.upstream_copy(
+        "rig/tags:v1",
+        "rig/moved:v1",
+        &["--all", "--preserve-digests"],
+    )?;
+    ensure!(
+        moved == tags.digest,
+        "moved:v1 now {moved}, want {}",
+        tags.digest
+    );
+    for n in [2, 3] {
+        rig.wait_mirror_finds(n, tags, &tags.digest)?;
+    }
+    let mut before = Vec::new();
+    for n in 1..=3 {
+        before.push((
+            rig.upstream_requests_by("HEAD", "/v2/rig/moved/manifests/v1", n, "speculum/")?,
+            rig.upstream_requests_by("HEAD", "/v2/rig/moved/", n, "containerd/")?
+                + rig.upstream_requests_by("GET", "/v2/rig/moved/", n, "containerd/")?,
+            rig.metric(n, &tag_resolutions("upstream"))?,
+            rig.metric(n, &PEER_BYTES)?,
+        ));
+    }
+
+    rig.step("every node pulls moved:v1 by tag again: the new digest, layers from peers");
+    for n in 1..=3 {
+        rig.cri_pull(n, new.tag("v1")?, &new)?;
+        rig.verify_blobs(n, &new)?;
+    }
+    for n in 1..=3 {
+        let (heads, containerd, resolved, peer_bytes) = before[n as usize - 1];
+        let heads_after =
+            rig.upstream_requests_by("HEAD", "/v2/rig/moved/manifests/v1", n, "speculum/")?;
+        ensure!(
+            heads_after > heads,
+            "node {n}'s daemon did not ask upstream for moved:v1 ({heads} → {heads_after} HEADs)"
+        );
+        let containerd_after =
+            rig.upstream_requests_by("HEAD", "/v2/rig/moved/", n, "containerd/")?
+                + rig.upstream_requests_by("GET", "/v2/rig/moved/", n, "containerd/")?;
+        ensure!(
+            containerd_after == containerd,
+            "node {n}'s containerd went upstream for moved ({containerd} → {containerd_after} \
+             requests): the mirror should have answered"
+        );
+        let resolved_after = rig.metric(n, &tag_resolutions("upstream"))?;
+        ensure!(
+            resolved_after > resolved,
+            "node {n}: no tag resolution counted under source=upstream ({resolved} → {resolved_after})"
+        );
+        if n > 1 {
+            for blob in tags.layers() {
+                ensure!(
+                    rig.upstream_gets(&blob.digest, Some(n))? == 0,
+                    "node {n} fetched layer {} from upstream",
+                    blob.digest
+                );
+            }
+            let from_peers = rig.metric(n, &PEER_BYTES)? - peer_bytes;
+            ensure!(
+                from_peers >= tags.layer_bytes() as f64,
+                "node {n} got {from_peers} bytes from peers, want at least the {} bytes of layers",
+                tags.layer_bytes()
+            );
+        }
+        let audit = rig.audit(n, |lines| {
+            lines.iter().any(|l| {
+                l.repository == "rig/moved"
+                    && l.reference == "v1"
+                    && l.digest.as_deref() == Some(tags.digest.as_str())
+            })
+        })?;
+        let line = audit
+            .iter()
+            .rev()
+            .find(|l| l.repository == "rig/moved" && l.reference == "v1" && l.status == 200)
+            .with_context(|| format!("node {n}: no audit line for moved:v1"))?;
+        ensure!(
+            line.tag_source.as_deref() == Some("upstream")
+                && line.tag_upstream.as_deref() == Some("digest")
+                && line.digest.as_deref() == Some(tags.digest.as_str())
+                && line.served_from == if n == 1 { "local" } else { "peer" },
+            "node {n}: moved:v1 audited as {line:?}"
+        );
+    }
+
+    // What upstream-first costs on the mirror path: the daemons' own timing of their HEADs.
+    let (mut sum, mut count) = (0.0, 0.0);
+    for n in 1..=3 {
+        sum += rig.metric(
+            n,
+            &Series {
+                name: "speculum_mirror_tag_upstream_duration_seconds_sum",
+                labels: &[],
+            },
+        )?;
+        count += rig.metric(
+            n,
+            &Series {
+                name: "speculum_mirror_tag_upstream_duration_seconds_count",
+                labels: &[],
+            },
+        )?;
+    }
+    ensure!(
+        count >= 3.0,
+        "the daemons timed {count} upstream HEADs, want at least 3"
+    );
+    rig.step(&format!(
+        "upstream tag HEAD: {count} on 3 nodes, mean {:.2} ms",
+        sum / count * 1000.0
+    ));
+
+    rig.step("upstream stops: node 2 pulls tags:v1, named by the cluster");
+    rig.call(&["stop_upstream"])?;
+    let stale_before = rig.metric(2, &tag_resolutions("stale"))?;
+    rig.cri_pull(2, tags.tag("v1")?, tags)?;
+    ensure!(
+        rig.metric(2, &tag_resolutions("stale"))? > stale_before,
+        "node 2 counted no stale tag resolution"
+    );
+    let audit = rig.audit(2, |lines| {
+        lines
+            .iter()
+            .any(|l| l.repository == tags.repository && l.tag_source.as_deref() == Some("stale"))
+    })?;
+    let line = audit
+        .iter()
+        .rev()
+        .find(|l| l.repository == tags.repository && l.reference == "v1" && l.kind == "manifest")
+        .context("node 2: no audit line for tags:v1")?;
+    ensure!(
+        line.tag_source.as_deref() == Some("stale")
+            && line.tag_upstream.as_deref() == Some("unreachable")
+            && line.status == 200
+            && line.digest.as_deref() == Some(tags.digest.as_str()),
+        "node 2: tags:v1 with upstream down audited as {line:?}"
+    );
+    rig.step("done");
+    Ok(())
+}
+
+/// Every layer media type travels peer to peer. `zstd` was pushed with skopeo
+/// `--dest-compress-format zstd`, `chunked` with `zstd:chunked` (annotated zstd layers with a
+/// skippable table-of-contents frame; containerd 1.6 cannot unpack skopeo 1.9's, so it is
+/// fetched with `ctr content fetch`, which records the image without unpacking). Node 1 gets
+/// both through its daemon; the upstream stops; node 2 gets both, every byte from node 1, and
+/// its mirror describes each layer with the media type its manifest declares.
+#[test]
+fn zstd_and_zstd_chunked_layers_are_served_peer_to_peer() -> Result<()> {
+    let Some(rig) = Rig::start(
+        "zstd_and_zstd_chunked_layers_are_served_peer_to_peer",
+        &["zstd", "chunked"],
+    )?
+    else {
+        return Ok(());
+    };
+    const ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    let images = rig.images()?;
+    let zstd = image_named(&images, "zstd")?;
+    let chunked = image_named(&images, "chunked")?;
+    for image in [zstd, chunked] {
+        ensure!(
+            image.layers().count() == 2 && image.layers().all(|b| b.media_type == ZSTD),
+            "{} was not pushed with zstd layers: {:?}",
+            image.name,
+            image.layers().map(|b| &b.media_type).collect::<Vec<_>>()
+        );
+    }
+    for n in 1..=2 {
+        rig.start_speculum(n)?;
+    }
+
+    rig.step("node 1 pulls zstd (CRI) and fetches chunked (ctr) through its daemon");
+    rig.cri_pull(1, zstd.tag("v1")?, zstd)?;
+    rig.call(&["ctr_fetch", "1", chunked.tag("v1")?])?;
+    for image in [zstd, chunked] {
+        rig.verify_blobs(1, image)?;
+        rig.wait_mirror_finds(2, image, &image.digest)?;
+    }
+
+    rig.step("upstream stops; node 2 gets both from node 1");
+    rig.call(&["stop_upstream"])?;
+    rig.cri_pull(2, zstd.tag("v1")?, zstd)?;
+    // A manifest lookup that misses its 20 ms first-peer wait on a loaded machine is a 404,
+    // and with upstream gone the fetch fails: retry as the kubelet would, a bounded few times.
+    let mut attempt = 1;
+    while let Err(e) = rig.call(&["ctr_fetch", "2", chunked.tag("v1")?]) {
+        ensure!(
+            attempt < 3,
+            "node 2 could not fetch chunked:v1 in 3 attempts: {e:#}"
+        );
+        rig.step(&format!("fetch attempt {attempt} failed, retrying: {e:#}"));
+        attempt += 1;
+    }
+    let recorded = rig.call(&["image_digest", "2", chunked.tag("v1")?])?;
+    ensure!(
+        recorded.trim() == chunked.digest,
+        "node 2 recorded chunked:v1 as {:?}, want {}",
+        recorded.trim(),
+        chunked.digest
+    );
+    for image in [zstd, chunked] {
+        rig.verify_blobs(2, image)?;
+    }
+    ensure!(
+        rig.upstream_gets("/v2/", Some(2))? == 0,
+        "node 2 sent GETs upstream"
+    );
+    let layer_bytes = zstd.layer_bytes() + chunked.layer_bytes();
+    let from_peers = rig.metric(2, &PEER_BYTES)?;
+    ensure!(
+        from_peers >= layer_bytes as f64,
+        "node 2 got {from_peers} bytes from peers, want at least the {layer_bytes} bytes of zstd layers"
+    );
+    let audit = rig.audit(2, |lines| {
+        lines
+            .iter()
+            .filter(|l| l.kind == "blob" && l.served_from == "peer")
+            .count()
+            >= 4
+    })?;
+    for image in [zstd, chunked] {
+        for blob in image.layers() {
+            ensure!(
+                audit.iter().any(|l| l.kind == "blob"
+                    && l.reference == blob.digest
+                    && l.served_from == "peer"
+                    && l.bytes == blob.size),
+                "node 2: no audit line for {} layer {} served whole from a peer",
+                image.name,
+                blob.digest
+            );
+            // Described from the manifest's descriptor, on node 2 (now local) and node 1.
+            for n in ["2", "1"] {
+                let got = rig.call(&["mirror_blob_type", n, &image.repository, &blob.digest])?;
+                ensure!(
+                    got.trim() == ZSTD,
+                    "node {n} describes {} layer {} as {:?}, want {ZSTD}",
+                    image.name,
+                    blob.digest,
+                    got.trim()
+                );
+            }
+        }
+    }
+    rig.step("done");
     Ok(())
 }
 

@@ -382,7 +382,7 @@ fn rig_starts_with_the_cri_plugin() {
 }
 
 /// The fixture's layers are real archives: containerd unpacks the OCI and docker images
-/// (gzip and tar decoded, diff IDs verified against the configs).
+/// (gzip, zstd with a skippable frame, and tar decoded, diff IDs verified against the configs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixture_images_unpack() {
     let (dir, rig) = start();
@@ -397,12 +397,16 @@ async fn fixture_images_unpack() {
         .ctr_async(&["snapshots", "ls"])
         .await
         .expect("snapshots ls");
-    // One committed snapshot per layer: two for the OCI image, one for the docker image.
+    // One committed snapshot per layer: two for the OCI image, one for the docker image, four
+    // (zstd, zstd:chunked, non-distributable gzip and zstd) for `layers`, two (tar, foreign)
+    // for `docker-layers`.
     let committed = snapshots
         .lines()
         .filter(|l| l.contains("Committed"))
         .count();
-    assert_eq!(committed, 3, "{snapshots}");
+    let layers = 2 + 1 + fixture.kinds.oci_layers.len() + fixture.kinds.docker_layers.len();
+    assert_eq!(committed, layers, "{snapshots}");
+    assert_eq!(layers, 9);
 }
 
 /// containerd ≥ 2.1 reports each committed blob (`/content/create`) and the store forwards it

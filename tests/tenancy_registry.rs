@@ -47,6 +47,7 @@ fn private_gate() -> Gate {
         reason: "private".into(),
         resolve_tag: true,
         require_grant: true,
+        tag_resolution: None,
     };
     Gate::new(
         Arc::new(StaticPolicy::fixed(decision)),

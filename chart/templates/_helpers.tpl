@@ -115,7 +115,7 @@ features that are switched off are left out entirely.
 {{- end }}
 {{- $cfg := dict
   "registry" (dict "mirror_listen" (printf "127.0.0.1:%d" (int $d.ports.mirror)) "peer_listen" (printf "0.0.0.0:%d" (int $d.ports.peer)) "drain_grace" $d.drainGrace)
-  "mirror" (dict "resolve_timeout" $d.resolveTimeout "blob_resolve_timeout" $d.blobResolveTimeout "attempts" (int $d.mirrorAttempts) "manifest_deadline" $d.manifestDeadline)
+  "mirror" (dict "resolve_timeout" $d.resolveTimeout "blob_resolve_timeout" $d.blobResolveTimeout "attempts" (int $d.mirrorAttempts) "manifest_deadline" $d.manifestDeadline "tag_resolution" $d.tagResolution "tag_upstream_timeout" $d.tagUpstreamTimeout)
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $d.ports.metrics)))
   "containerd" $containerd
   "routing" $routing

@@ -53,6 +53,13 @@ pub struct AuditRecord {
     pub requester: Option<String>,
     /// The grant a private object was served under: `namespace/pod`.
     pub grant: Option<String>,
+    /// A tag request on the mirror endpoint: who named the digest — `upstream`, `cluster`
+    /// (`cluster-first`, or upstream refused anonymous clients) or `stale` (the cluster,
+    /// because upstream could not answer).
+    pub tag_source: Option<String>,
+    /// What upstream answered the tag `HEAD` (`digest`, `not-found`, `refused-401`,
+    /// `status-503`, `timeout`, `unreachable`, …), when it was asked.
+    pub tag_upstream: Option<String>,
     /// `allow` or `deny`.
     pub decision: String,
     pub reason: String,

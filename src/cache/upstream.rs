@@ -1,12 +1,13 @@
-//! Anonymous blob fetches from a registry: one job — get the bytes of one public blob (or the
-//! rest of it, with `Range`) from the registry named by the request's `ns`.
+//! Anonymous requests to a registry: one job — ask the registry named by the request's `ns`,
+//! with no credentials, for the bytes of one public blob (or the rest of it, with `Range`), or
+//! (`HEAD`) for the digest a tag names right now (`registry::tags`).
 //!
 //! Follows the distribution token flow for anonymous access: a `401` with
 //! `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is answered by asking the realm for an
 //! anonymous token and retrying with it (tokens are cached per registry and scope until they
 //! expire). Redirects (S3-style blob storage) are followed; reqwest drops `Authorization` when
 //! a redirect leaves the host. **Never** sends tenant credentials: this client has none.
-//! Registries listed in `cache.plain_http` are reached over http, every other over https.
+//! Registries in the client's plain-http list are reached over http, every other over https.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,7 +31,12 @@ pub enum UpstreamError {
     #[error("{url} answered {status}")]
     Status { url: String, status: StatusCode },
     #[error("token from {realm} refused: {reason}")]
-    Token { realm: String, reason: String },
+    Token {
+        realm: String,
+        reason: String,
+        /// The realm's answer when it answered (401/403: anonymous pulls refused).
+        status: Option<StatusCode>,
+    },
     #[error("{url} answered without a usable Content-Length")]
     Length { url: String },
 }
@@ -64,15 +70,29 @@ struct TokenResponse {
 
 impl Upstream {
     pub fn new(config: &CacheConfig) -> Result<Upstream, reqwest::Error> {
+        Upstream::with(
+            config.plain_http.clone(),
+            config.upstream_connect_timeout,
+            config.upstream_read_timeout,
+        )
+    }
+
+    /// A client for registries reached over http when `plain_http` lists them (`host[:port]`
+    /// as in `ns`), https otherwise.
+    pub fn with(
+        plain_http: Vec<String>,
+        connect_timeout: Duration,
+        read_timeout: Duration,
+    ) -> Result<Upstream, reqwest::Error> {
         let client = reqwest::Client::builder()
-            .connect_timeout(config.upstream_connect_timeout)
-            .read_timeout(config.upstream_read_timeout)
+            .connect_timeout(connect_timeout)
+            .read_timeout(read_timeout)
             .redirect(reqwest::redirect::Policy::limited(5))
             .user_agent(concat!("speculum/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Upstream {
             client,
-            plain_http: config.plain_http.clone(),
+            plain_http,
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -101,13 +121,82 @@ impl Upstream {
         from: u64,
     ) -> Result<Fetch, UpstreamError> {
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base(ns));
+        let response = self
+            .send(ns, repository, &url, |client| {
+                let request = client.get(&url);
+                if from > 0 {
+                    request.header(header::RANGE, format!("bytes={from}-"))
+                } else {
+                    request
+                }
+            })
+            .await?;
+        match response.status() {
+            StatusCode::OK => {
+                let size = response
+                    .content_length()
+                    .ok_or(UpstreamError::Length { url: url.clone() })?;
+                if from > 0 {
+                    // The registry ignored the Range: the caller skips what it has.
+                    tracing::debug!(registry = ns, %digest, "upstream ignored Range");
+                }
+                Ok(Fetch {
+                    start: 0,
+                    size,
+                    response,
+                })
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let (start, size) = response
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range)
+                    .ok_or(UpstreamError::Length { url: url.clone() })?;
+                Ok(Fetch {
+                    start,
+                    size,
+                    response,
+                })
+            }
+            status => Err(UpstreamError::Status { url, status }),
+        }
+    }
+
+    /// `HEAD`s manifest `reference` (a tag) of `repository` on registry `ns` and returns the
+    /// answer whatever its status: the caller reads the status and `Docker-Content-Digest`.
+    /// `accept` is what the client asked for (the digest of a tag depends on it: an index
+    /// and a single manifest have different digests); nothing else of the client's request
+    /// is passed on.
+    pub async fn manifest_head(
+        &self,
+        ns: &str,
+        repository: &str,
+        reference: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base(ns));
+        self.send(ns, repository, &url, |client| {
+            client.head(&url).header(header::ACCEPT, accept)
+        })
+        .await
+    }
+
+    /// Sends the request `build` makes, anonymously: with the cached token of this
+    /// repository's pull scope if there is one; a `401` carrying a Bearer challenge is
+    /// answered once with a fresh anonymous token. Returns the last response, any status.
+    async fn send(
+        &self,
+        ns: &str,
+        repository: &str,
+        url: &str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repository}:pull");
         let mut token = self.cached_token(ns, &scope);
-        for attempt in 0..2 {
-            let mut request = self.client.get(&url);
-            if from > 0 {
-                request = request.header(header::RANGE, format!("bytes={from}-"));
-            }
+        let mut retried = false;
+        loop {
+            let mut request = build(&self.client);
             if let Some(t) = &token {
                 request = request.bearer_auth(t);
             }
@@ -115,58 +204,23 @@ impl Upstream {
                 .send()
                 .await
                 .map_err(|source| UpstreamError::Request {
-                    url: url.clone(),
+                    url: url.to_owned(),
                     source,
                 })?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                let challenge = response
-                    .headers()
-                    .get(header::WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_bearer)
-                    .ok_or(UpstreamError::Status {
-                        url: url.clone(),
-                        status,
-                    })?;
-                token = Some(self.anonymous_token(ns, &scope, challenge).await?);
-                continue;
+            if response.status() != StatusCode::UNAUTHORIZED || retried {
+                return Ok(response);
             }
-            return match status {
-                StatusCode::OK => {
-                    let size = response
-                        .content_length()
-                        .ok_or(UpstreamError::Length { url: url.clone() })?;
-                    if from > 0 {
-                        // The registry ignored the Range: the caller skips what it has.
-                        tracing::debug!(registry = ns, %digest, "upstream ignored Range");
-                    }
-                    Ok(Fetch {
-                        start: 0,
-                        size,
-                        response,
-                    })
-                }
-                StatusCode::PARTIAL_CONTENT => {
-                    let (start, size) = response
-                        .headers()
-                        .get(header::CONTENT_RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_content_range)
-                        .ok_or(UpstreamError::Length { url: url.clone() })?;
-                    Ok(Fetch {
-                        start,
-                        size,
-                        response,
-                    })
-                }
-                status => Err(UpstreamError::Status { url, status }),
+            let Some(challenge) = response
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_bearer)
+            else {
+                return Ok(response);
             };
+            token = Some(self.anonymous_token(ns, &scope, challenge).await?);
+            retried = true;
         }
-        Err(UpstreamError::Status {
-            url,
-            status: StatusCode::UNAUTHORIZED,
-        })
     }
 
     fn cached_token(&self, ns: &str, scope: &str) -> Option<String> {
@@ -184,9 +238,10 @@ impl Upstream {
         scope: &str,
         challenge: Challenge,
     ) -> Result<String, UpstreamError> {
-        let refused = |reason: String| UpstreamError::Token {
+        let refused = |reason: String, status: Option<StatusCode>| UpstreamError::Token {
             realm: challenge.realm.clone(),
             reason,
+            status,
         };
         // The challenge's scope if it names one, else the pull scope of this repository.
         let scope = challenge.scope.as_deref().unwrap_or(scope).to_owned();
@@ -201,20 +256,24 @@ impl Upstream {
             .get(&url)
             .send()
             .await
-            .map_err(|e| refused(e.to_string()))?;
+            .map_err(|e| refused(e.to_string(), None))?;
         if !response.status().is_success() {
-            return Err(refused(format!("status {}", response.status())));
+            let status = response.status();
+            return Err(refused(format!("status {status}"), Some(status)));
         }
-        let bytes = response.bytes().await.map_err(|e| refused(e.to_string()))?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| refused(e.to_string(), None))?;
         let body: TokenResponse =
-            serde_json::from_slice(&bytes).map_err(|e| refused(e.to_string()))?;
+            serde_json::from_slice(&bytes).map_err(|e| refused(e.to_string(), None))?;
         let token = if body.token.is_empty() {
             body.access_token
         } else {
             body.token
         };
         if token.is_empty() {
-            return Err(refused("no token in the answer".to_owned()));
+            return Err(refused("no token in the answer".to_owned(), None));
         }
         // Default lifetime per the token spec is 60 s; renew a little early.
         let life = Duration::from_secs(body.expires_in.unwrap_or(60).max(10) - 5);

@@ -130,6 +130,32 @@ pub struct Decision {
     /// a policy that sets it should also deny).
     #[serde(default)]
     pub require_grant: bool,
+    /// How this tag is resolved on the mirror endpoint; absent: `mirror.tag_resolution`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_resolution: Option<TagResolution>,
+}
+
+/// Who decides which digest a tag names (`mirror.tag_resolution`, or the policy's
+/// `tag_resolution` per image; `docs/policy.md`, "Tag resolution").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TagResolution {
+    /// One anonymous `HEAD` upstream first; the cluster answers only when upstream cannot
+    /// (unreachable, timeout, 429, 5xx) or will not tell anonymous clients (401/403).
+    #[default]
+    UpstreamFirst,
+    /// The cluster answers from the tags its nodes hold (Spegel's behaviour): fast and
+    /// upstream-independent, but a tag moved upstream keeps its old digest in the cluster.
+    ClusterFirst,
+}
+
+impl TagResolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagResolution::UpstreamFirst => "upstream-first",
+            TagResolution::ClusterFirst => "cluster-first",
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -143,6 +169,7 @@ impl Decision {
             reason: reason.into(),
             resolve_tag: true,
             require_grant: false,
+            tag_resolution: None,
         }
     }
 
@@ -152,6 +179,7 @@ impl Decision {
             reason: reason.into(),
             resolve_tag: false,
             require_grant: false,
+            tag_resolution: None,
         }
     }
 }
@@ -532,6 +560,7 @@ mod tests {
             reason: "private: no grant".into(),
             resolve_tag: true,
             require_grant: true,
+            tag_resolution: None,
         };
         let cases = [
             ("private", private, true, true),

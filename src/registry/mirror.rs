@@ -20,9 +20,11 @@ use tokio::sync::mpsc;
 
 use super::resume::{ByteStream, Reopen, resumable};
 use super::serve::{AccessLog, Counted, DOCKER_CONTENT_DIGEST, header_str};
+use super::tags::TagResolver;
 use super::{HOP_HEADER, PullRequest, RegistryError, RegistryState};
 use crate::metrics::{Metrics, PeerFailureLabels, Source};
 use crate::oci::{Digest, Kind, Target, media};
+use crate::policy::TagResolution;
 use crate::routing::{Peer, Router};
 
 /// Settings of the peer mirror path (the `registry:` config section holds them).
@@ -51,6 +53,14 @@ pub struct MirrorConfig {
     /// elsewhere). Blobs have no overall deadline: a large layer may take minutes.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Who names a tag's digest: `upstream-first` (one anonymous `HEAD` upstream; the cluster
+    /// only when upstream cannot answer) or `cluster-first` (the tags the nodes hold). The
+    /// policy's `tag_resolution` overrides it per image ([`super::tags`]).
+    pub tag_resolution: TagResolution,
+    /// The whole budget of that upstream `HEAD` (token included); past it the cluster answers.
+    /// Every tag pull waits at most this long when upstream is silent.
+    #[serde(with = "humantime_serde")]
+    pub tag_upstream_timeout: Duration,
 }
 
 impl Default for MirrorConfig {
@@ -62,6 +72,8 @@ impl Default for MirrorConfig {
             manifest_deadline: Duration::from_secs(5),
             connect_timeout: Duration::from_millis(500),
             read_timeout: Duration::from_secs(10),
+            tag_resolution: TagResolution::UpstreamFirst,
+            tag_upstream_timeout: Duration::from_millis(1500),
         }
     }
 }
@@ -83,6 +95,11 @@ impl MirrorConfig {
                 errors.push(format!("registry.{name} must be greater than zero"));
             }
         }
+        if self.tag_upstream_timeout < Duration::from_millis(10)
+            || self.tag_upstream_timeout > Duration::from_secs(30)
+        {
+            errors.push("mirror.tag_upstream_timeout must be between 10ms and 30s".to_owned());
+        }
         errors
     }
 }
@@ -93,6 +110,8 @@ pub struct Mirror {
     client: reqwest::Client,
     config: MirrorConfig,
     metrics: Metrics,
+    /// Asks upstream which digest a tag names; `None`: every tag resolves through the cluster.
+    tags: Option<TagResolver>,
 }
 
 /// Why one peer attempt failed; the label of `speculum_mirror_peer_failures_total`.
@@ -116,7 +135,19 @@ impl Mirror {
             client,
             config,
             metrics,
+            tags: None,
         })
+    }
+
+    /// Resolves tags with `resolver` (`upstream-first`); without one (the default of
+    /// [`Mirror::new`], so tests never reach out) the cluster answers every tag.
+    pub fn with_tags(mut self, resolver: TagResolver) -> Mirror {
+        self.tags = Some(resolver);
+        self
+    }
+
+    pub fn tags(&self) -> Option<&TagResolver> {
+        self.tags.as_ref()
     }
 
     /// Fetches the object of `req` from peers holding `key`. `Ok(None)` when no peer could

@@ -16,6 +16,8 @@
 //! Before anything is looked up, the policy [`Guard`] decides (source `local` on the mirror
 //! endpoint, `peer` on the peer endpoint or for a hop): a deny, a tag the switches or the
 //! policy will not resolve, or a failed evaluation is a plain 404 — containerd goes upstream.
+//! A tag allowed on the mirror endpoint is then resolved by [`tags`] (upstream first, or the
+//! cluster), and from there on served like a request for the digest it names.
 
 pub mod cached;
 pub mod error;
@@ -24,6 +26,7 @@ pub mod listen;
 pub mod mirror;
 pub mod resume;
 pub mod serve;
+pub mod tags;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,6 +76,8 @@ pub struct PullRequest {
     pub requester: Option<PeerIdentity>,
     /// Mirror endpoint: headers to send with this request to peers (peer token, grants).
     pub peer_headers: HeaderMap,
+    /// The client's `Accept` header: what an upstream tag `HEAD` asks for ([`tags`]).
+    pub accept: Option<String>,
 }
 
 impl PullRequest {
@@ -124,6 +129,10 @@ impl PullRequest {
             presented,
             requester: None,
             peer_headers: HeaderMap::new(),
+            accept: headers
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
         })
     }
 
@@ -510,6 +519,9 @@ impl RegistryState {
             log.finish(e.status(), 0, "none");
             return (e.into_response(), Outcome::Miss);
         }
+        if let Some(response) = self.resolve_tag(&decision, &mut req, &log).await {
+            return (response, Outcome::Miss);
+        }
         let digest = match digest {
             Some(d) => d,
             None => self.resolve(&req).await,
@@ -557,6 +569,44 @@ impl RegistryState {
         let e = req.not_found();
         log.finish(e.status(), 0, "none");
         (e.into_response(), Outcome::Miss)
+    }
+
+    /// Mirror endpoint, a manifest by tag from this node's containerd: who names its digest
+    /// ([`tags`]). When upstream does, the request becomes one for that digest (served from
+    /// this node or peers like any digest); a tag upstream does not have is answered here
+    /// (`Some`: a 404, containerd goes upstream); otherwise the cluster resolves the tag.
+    async fn resolve_tag(
+        &self,
+        decision: &policy::Decision,
+        req: &mut PullRequest,
+        log: &serve::AccessLog,
+    ) -> Option<Response> {
+        let (Some(resolver), false, Kind::Manifest, Some(ns), Target::Tag(tag)) = (
+            self.mirror.as_ref().and_then(|m| m.tags()),
+            req.hop,
+            req.path.kind,
+            &req.ns,
+            &req.path.target,
+        ) else {
+            return None;
+        };
+        let mode = decision.tag_resolution.unwrap_or(resolver.mode());
+        let resolution = resolver
+            .resolve(mode, ns, &req.path.name, tag, req.accept.as_deref())
+            .await;
+        log.set_tag(resolution.source.as_str(), resolution.upstream);
+        match resolution.plan {
+            tags::Plan::Serve(digest) => {
+                req.path.target = Target::Digest(digest);
+                None
+            }
+            tags::Plan::Cluster => None,
+            tags::Plan::NotFound => {
+                let e = req.not_found();
+                log.finish(e.status(), 0, "none");
+                Some(e.into_response())
+            }
+        }
     }
 
     /// The digest the request names, or what its tag resolves to in this node's store.

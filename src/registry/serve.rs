@@ -64,6 +64,8 @@ struct Learned {
     namespaces: Vec<String>,
     requester: Option<String>,
     grant: Option<String>,
+    tag_source: Option<&'static str>,
+    tag_upstream: Option<String>,
 }
 
 impl AccessLog {
@@ -122,6 +124,14 @@ impl AccessLog {
         self.learned().grant = Some(grant);
     }
 
+    /// Records who named a tag's digest (`upstream`, `cluster`, `stale`) and what upstream
+    /// answered, when it was asked.
+    pub fn set_tag(&self, source: &'static str, upstream: Option<String>) {
+        let mut l = self.learned();
+        l.tag_source = Some(source);
+        l.tag_upstream = upstream;
+    }
+
     /// Records the peer the bytes come from.
     pub fn set_peer(&self, peer: String) {
         self.learned().peer = Some(peer);
@@ -151,6 +161,8 @@ impl AccessLog {
             namespaces: learned.namespaces,
             requester: learned.requester,
             grant: learned.grant,
+            tag_source: learned.tag_source.map(str::to_owned),
+            tag_upstream: learned.tag_upstream,
             decision: match learned.allowed {
                 Some(true) | None => "allow",
                 Some(false) => "deny",
@@ -177,6 +189,7 @@ impl AccessLog {
             bytes,
             source,
             decision = %record.decision,
+            tag.source = record.tag_source.as_deref().unwrap_or(""),
             "request"
         );
         a.audit.record(record);

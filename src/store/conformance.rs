@@ -14,7 +14,13 @@
 //! - `<registry>/conformance/docker:v1` → docker v2 schema 2 manifest → config + gzip layer;
 //! - `<registry>/conformance/oci@<manifest digest>`: a digest-only record (no tag);
 //! - `sha256:<oci config digest>` → OCI manifest: a name that is not a reference, as CRI
-//!   creates, which `images()` must skip.
+//!   creates, which `images()` must skip;
+//! - `<registry>/conformance/layers:v1` → OCI manifest → config + a zstd layer (past the 64 KiB
+//!   sniffing threshold), a zstd:chunked one (annotations, a skippable frame), and
+//!   non-distributable gzip and zstd layers; `<registry>/conformance/docker-layers:v1` →
+//!   docker manifest → config + an uncompressed docker layer and a foreign (non-distributable)
+//!   one. A store must describe every one of them with the media type its manifest declares
+//!   (checked after the manifest was described, as a pull and `closure` do).
 //!
 //! Layers are real tar archives (gzip with stored deflate blocks), so containerd can unpack
 //! the fixture if a test pulls it. [`Fixture::layout_tar`] packs everything as an OCI image
@@ -62,6 +68,14 @@ pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// The docker v2 schema 2 layer media type (always gzip).
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const OCI_LAYER_ND_GZIP: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
+pub const OCI_LAYER_ND_ZSTD: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd";
+pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub const DOCKER_LAYER_FOREIGN_GZIP: &str =
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+/// The annotation containers/storage puts on zstd:chunked layers (same media type as zstd).
+const ZSTD_CHUNKED_CHECKSUM: &str = "io.github.containers.zstd-chunked.manifest-checksum";
 
 /// The containerd annotation `ctr images import` takes an image's full name from.
 const CONTAINERD_IMAGE_NAME: &str = "io.containerd.image.name";
@@ -85,9 +99,12 @@ pub struct Blob {
     pub bytes: Bytes,
     /// The media type its parent's descriptor (or an image record) gives it.
     pub media_type: &'static str,
-    /// The media type `Store::descriptor` must report: detected for JSON documents,
-    /// `application/octet-stream` for layers.
+    /// What [`media::detect`] finds in the bytes (`application/octet-stream` for layers).
+    /// `Store::descriptor` reports this for manifests and indexes, and `media_type` for
+    /// everything else ([`super::classify`]).
     pub detected: &'static str,
+    /// Descriptor annotations (zstd:chunked layers carry some).
+    pub annotations: Option<serde_json::Value>,
 }
 
 impl Blob {
@@ -103,7 +120,13 @@ impl Blob {
             bytes: bytes.into(),
             media_type,
             detected,
+            annotations: None,
         }
+    }
+
+    /// The media type `Store::descriptor` must report.
+    pub fn reported(&self) -> String {
+        super::classify(self.detected, Some(self.media_type.to_owned()))
     }
 
     pub fn size(&self) -> u64 {
@@ -112,11 +135,15 @@ impl Blob {
 
     /// This blob as an OCI descriptor.
     pub fn descriptor(&self) -> serde_json::Value {
-        json!({
+        let mut d = json!({
             "mediaType": self.media_type,
             "digest": self.digest.to_string(),
             "size": self.size(),
-        })
+        });
+        if let Some(a) = &self.annotations {
+            d["annotations"] = a.clone();
+        }
+        d
     }
 }
 
@@ -138,7 +165,149 @@ pub struct Fixture {
     pub docker_manifest: Blob,
     pub docker_config: Blob,
     pub docker_layer: Blob,
+    /// Every other layer media type, in an OCI and a docker image.
+    pub kinds: LayerKinds,
     pub images: Vec<ImageRecord>,
+}
+
+/// The `conformance/layers` (OCI) and `conformance/docker-layers` images.
+#[derive(Debug, Clone)]
+pub struct LayerKinds {
+    pub oci_manifest: Blob,
+    pub oci_config: Blob,
+    pub oci_layers: Vec<Blob>,
+    pub docker_manifest: Blob,
+    pub docker_config: Blob,
+    pub docker_layers: Vec<Blob>,
+}
+
+impl LayerKinds {
+    fn new(arch: &str) -> LayerKinds {
+        let file = |name: &str, seed: u64, len: usize| tar(&[(name, pseudo_random(seed, len))]);
+        let zstd_tar = file("kinds/zstd.bin", 0x25d, 96 * 1024);
+        let chunked_tar = file("kinds/chunked.bin", 0xc4c, 8 * 1024);
+        let nd_gzip_tar = file("kinds/nd-gzip.bin", 0x9d1, 4 * 1024);
+        let nd_zstd_tar = file("kinds/nd-zstd.bin", 0x9d2, 4 * 1024);
+        let mut chunked_bytes = zstd_raw(&chunked_tar);
+        // zstd:chunked keeps its table of contents in a skippable frame at the end.
+        chunked_bytes.extend(zstd_skippable(br#"{"version":1,"entries":[]}"#));
+        let mut chunked = Blob::new(
+            "oci layer zstd:chunked",
+            chunked_bytes,
+            OCI_LAYER_ZSTD,
+            media::OCTET_STREAM,
+        );
+        chunked.annotations = Some(json!({
+            ZSTD_CHUNKED_CHECKSUM: Digest::sha256_of(b"toc").to_string(),
+        }));
+        let oci_layers = vec![
+            Blob::new(
+                "oci layer zstd",
+                zstd_raw(&zstd_tar),
+                OCI_LAYER_ZSTD,
+                media::OCTET_STREAM,
+            ),
+            chunked,
+            Blob::new(
+                "oci layer non-distributable gzip",
+                gzip_stored(&nd_gzip_tar),
+                OCI_LAYER_ND_GZIP,
+                media::OCTET_STREAM,
+            ),
+            Blob::new(
+                "oci layer non-distributable zstd",
+                zstd_raw(&nd_zstd_tar),
+                OCI_LAYER_ND_ZSTD,
+                media::OCTET_STREAM,
+            ),
+        ];
+        let diff_ids = [&zstd_tar, &chunked_tar, &nd_gzip_tar, &nd_zstd_tar]
+            .map(|t| Digest::sha256_of(t).to_string());
+        let oci_config = Blob::new(
+            "kinds oci config",
+            json_bytes(&json!({
+                "architecture": arch,
+                "os": "linux",
+                "config": { "Cmd": ["/kinds/zstd.bin"] },
+                "rootfs": { "type": "layers", "diff_ids": diff_ids },
+            })),
+            media::OCI_CONFIG,
+            media::OCI_CONFIG,
+        );
+        let oci_manifest = Blob::new(
+            "kinds oci manifest",
+            json_bytes(&json!({
+                "schemaVersion": 2,
+                "mediaType": media::OCI_MANIFEST,
+                "config": oci_config.descriptor(),
+                "layers": oci_layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+            })),
+            media::OCI_MANIFEST,
+            media::OCI_MANIFEST,
+        );
+
+        let plain_tar = file("kinds/docker-plain.bin", 0xd71, 4 * 1024);
+        let foreign_tar = file("kinds/docker-foreign.bin", 0xf07, 4 * 1024);
+        let docker_layers = vec![
+            Blob::new(
+                "docker layer tar",
+                plain_tar.clone(),
+                DOCKER_LAYER_TAR,
+                media::OCTET_STREAM,
+            ),
+            Blob::new(
+                "docker foreign layer",
+                gzip_stored(&foreign_tar),
+                DOCKER_LAYER_FOREIGN_GZIP,
+                media::OCTET_STREAM,
+            ),
+        ];
+        let docker_config = Blob::new(
+            "kinds docker config",
+            json_bytes(&json!({
+                "architecture": arch,
+                "os": "linux",
+                "config": { "Cmd": ["/kinds/docker-plain.bin"] },
+                "rootfs": {
+                    "type": "layers",
+                    "diff_ids": [
+                        Digest::sha256_of(&plain_tar).to_string(),
+                        Digest::sha256_of(&foreign_tar).to_string(),
+                    ],
+                },
+            })),
+            media::DOCKER_CONFIG,
+            media::OCI_CONFIG,
+        );
+        let docker_manifest = Blob::new(
+            "kinds docker manifest",
+            json_bytes(&json!({
+                "schemaVersion": 2,
+                "mediaType": media::DOCKER_MANIFEST,
+                "config": docker_config.descriptor(),
+                "layers": docker_layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+            })),
+            media::DOCKER_MANIFEST,
+            media::DOCKER_MANIFEST,
+        );
+        LayerKinds {
+            oci_manifest,
+            oci_config,
+            oci_layers,
+            docker_manifest,
+            docker_config,
+            docker_layers,
+        }
+    }
+
+    /// Parents first, as a pull (and [`closure`]) reaches them.
+    fn blobs(&self) -> Vec<&Blob> {
+        let mut out = vec![&self.oci_manifest, &self.oci_config];
+        out.extend(&self.oci_layers);
+        out.extend([&self.docker_manifest, &self.docker_config]);
+        out.extend(&self.docker_layers);
+        out
+    }
 }
 
 impl Default for Fixture {
@@ -264,6 +433,16 @@ impl Fixture {
                 target: oci_manifest.clone(),
             },
         ];
+        let kinds = LayerKinds::new(arch);
+        let mut images = images;
+        images.push(ImageRecord {
+            name: format!("{registry}/conformance/layers:v1"),
+            target: kinds.oci_manifest.clone(),
+        });
+        images.push(ImageRecord {
+            name: format!("{registry}/conformance/docker-layers:v1"),
+            target: kinds.docker_manifest.clone(),
+        });
         Fixture {
             registry: registry.to_owned(),
             oci_index,
@@ -273,13 +452,14 @@ impl Fixture {
             docker_manifest,
             docker_config,
             docker_layer,
+            kinds,
             images,
         }
     }
 
     /// Every blob, each once.
     pub fn blobs(&self) -> Vec<&Blob> {
-        vec![
+        let mut out = vec![
             &self.oci_index,
             &self.oci_manifest,
             &self.oci_config,
@@ -288,7 +468,9 @@ impl Fixture {
             &self.docker_manifest,
             &self.docker_config,
             &self.docker_layer,
-        ]
+        ];
+        out.extend(self.kinds.blobs());
+        out
     }
 
     /// An OCI image layout (image-spec "Image Layout") as a tar: `oci-layout`, `index.json`
@@ -385,6 +567,8 @@ async fn check_images<S: Store>(store: &S, f: &Fixture, c: &mut Checks) {
         t("oci", Some("v1"), &f.oci_index.digest),
         t("docker", Some("v1"), &f.docker_manifest.digest),
         t("oci", None, &f.oci_manifest.digest),
+        t("layers", Some("v1"), &f.kinds.oci_manifest.digest),
+        t("docker-layers", Some("v1"), &f.kinds.docker_manifest.digest),
     ]
     .into_iter()
     .collect();
@@ -447,11 +631,7 @@ async fn check_descriptors<S: Store>(store: &S, f: &Fixture, c: &mut Checks) {
         };
         c.eq(&format!("{name}: digest"), &got.digest, &b.digest);
         c.eq(&format!("{name}: size"), got.size, b.size());
-        c.eq(
-            &format!("{name}: media type"),
-            got.media_type.as_str(),
-            b.detected,
-        );
+        c.eq(&format!("{name}: media type"), got.media_type, b.reported());
     }
 }
 
@@ -598,6 +778,22 @@ async fn check_closure<S: Store>(store: &S, f: &Fixture, c: &mut Checks) {
             "closure: docker manifest",
             &f.docker_manifest,
             vec![&f.docker_manifest, &f.docker_config, &f.docker_layer],
+        ),
+        (
+            "closure: every layer type",
+            &f.kinds.oci_manifest,
+            [&f.kinds.oci_manifest, &f.kinds.oci_config]
+                .into_iter()
+                .chain(&f.kinds.oci_layers)
+                .collect(),
+        ),
+        (
+            "closure: docker layer types",
+            &f.kinds.docker_manifest,
+            [&f.kinds.docker_manifest, &f.kinds.docker_config]
+                .into_iter()
+                .chain(&f.kinds.docker_layers)
+                .collect(),
         ),
         (
             "closure: a layer is its own closure",
@@ -864,6 +1060,36 @@ fn tar(files: &[(impl AsRef<str>, impl AsRef<[u8]>)]) -> Vec<u8> {
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
     out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// A zstd frame (RFC 8878, 3.1.1) of raw blocks only: valid zstd that any decoder reads,
+/// without a compression library. Single segment, 8-byte content size, no checksum.
+fn zstd_raw(data: &[u8]) -> Vec<u8> {
+    // Raw blocks may not exceed Block_Maximum_Size = min(window, 128 KiB) (3.1.1.2.3).
+    const BLOCK: usize = 128 * 1024;
+    let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0xe0];
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[]]
+    } else {
+        data.chunks(BLOCK).collect()
+    };
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        // Block_Header: Last_Block (bit 0), Block_Type 0 = raw (bits 1-2), Block_Size.
+        let header = ((chunk.len() as u32) << 3) | u32::from(i == last);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// A zstd skippable frame (RFC 8878, 3.1.2) carrying `data`.
+fn zstd_skippable(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x50, 0x2a, 0x4d, 0x18];
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
     out
 }
 

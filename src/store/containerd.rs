@@ -11,8 +11,9 @@
 //! - The connection is lazy: the daemon starts while containerd is down and reconnects by
 //!   itself after a containerd restart; meanwhile calls fail fast with
 //!   [`StoreError::Unavailable`].
-//! - containerd keeps no media type for blobs, so it is recovered from the bytes
-//!   ([`media::detect`]) and cached per digest (content is immutable).
+//! - containerd keeps no media type for blobs: manifests and indexes are recognised from their
+//!   bytes ([`media::detect`], cached per digest: content is immutable), and everything they
+//!   reference gets the media type their descriptors declare ([`super::Declared`]).
 //! - Image events (`/images/create|update|delete`) and content-create events are watched.
 //!   containerd 1.6, 1.7 and 2.0 publish no `/content/create` (2.1 added it, fired when a blob
 //!   is committed, before any image names it), and content removed by garbage collection never
@@ -166,6 +167,8 @@ pub struct ContainerdStore {
     discovered_content_dir: OnceLock<PathBuf>,
     // A std Mutex: it is never held across an `.await`.
     media_types: Mutex<MediaTypeCache>,
+    /// Media types the manifests described so far declare for their children.
+    declared: super::Declared,
 }
 
 impl std::fmt::Debug for ContainerdStore {
@@ -213,6 +216,7 @@ impl ContainerdStore {
             content_dir: config.content_dir,
             discovered_content_dir: OnceLock::new(),
             media_types: Mutex::new(MediaTypeCache::default()),
+            declared: super::Declared::default(),
         })
     }
 
@@ -375,15 +379,23 @@ impl ContainerdStore {
         if let Some(t) = self.cache().get(digest) {
             return Ok(t);
         }
-        let detected = if size <= READ_WHOLE_BYTES {
-            media::detect(&self.read_all(digest, size, size).await?)
+        let whole = if size <= READ_WHOLE_BYTES {
+            Some(self.read_all(digest, size, size).await?)
         } else {
             let prefix = self.read_all(digest, size, SNIFF_BYTES).await?;
             match prefix.iter().find(|b| !b.is_ascii_whitespace()) {
-                Some(b'{') | None => media::detect(&self.read_all(digest, size, size).await?),
-                Some(_) => media::OCTET_STREAM,
+                Some(b'{') | None => Some(self.read_all(digest, size, size).await?),
+                Some(_) => None,
             }
         };
+        let detected = whole.as_deref().map_or(media::OCTET_STREAM, media::detect);
+        // A manifest or index names the media type of everything it references: remember
+        // them, so its layers are described (and served) as what they are.
+        if let Some(bytes) = &whole
+            && media::is_manifest_type(detected)
+        {
+            self.declared.learn(bytes);
+        }
         self.cache().insert(digest.clone(), detected);
         Ok(detected)
     }
@@ -443,7 +455,7 @@ impl Store for ContainerdStore {
         Ok(Some(Descriptor {
             digest: digest.clone(),
             size,
-            media_type: media_type.to_owned(),
+            media_type: super::classify(media_type, self.declared.get(digest)),
         }))
     }
 

@@ -19,6 +19,7 @@ pub struct MemoryStore {
     // A std Mutex: it is never held across an `.await`.
     inner: Mutex<Inner>,
     events: broadcast::Sender<StoreEvent>,
+    declared: super::Declared,
 }
 
 #[derive(Default)]
@@ -32,6 +33,7 @@ impl Default for MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner::default()),
             events: broadcast::channel(1024).0,
+            declared: super::Declared::default(),
         }
     }
 }
@@ -99,15 +101,22 @@ impl Store for MemoryStore {
     }
 
     async fn descriptor(&self, digest: &Digest) -> Result<Option<Descriptor>, StoreError> {
-        let inner = self.lock();
-        Ok(inner.blobs.get(digest).map(|b| Descriptor {
+        let Some(b) = self.lock().blobs.get(digest).cloned() else {
+            return Ok(None);
+        };
+        let detected = if b.len() as u64 <= media::MAX_MANIFEST_BYTES {
+            media::detect(&b)
+        } else {
+            media::OCTET_STREAM
+        };
+        // As the containerd store: what a described manifest declares for its children.
+        if media::is_manifest_type(detected) {
+            self.declared.learn(&b);
+        }
+        Ok(Some(Descriptor {
             digest: digest.clone(),
             size: b.len() as u64,
-            media_type: if b.len() as u64 <= media::MAX_MANIFEST_BYTES {
-                media::detect(b).to_owned()
-            } else {
-                media::OCTET_STREAM.to_owned()
-            },
+            media_type: super::classify(detected, self.declared.get(digest)),
         }))
     }
 

@@ -230,6 +230,74 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// What the manifests and indexes a store has described declare about their children: the
+/// `mediaType` of each descriptor. containerd keeps no media type for content, and a blob's
+/// bytes cannot say whether it is a gzip, zstd, zstd:chunked or plain tar layer, Docker or
+/// OCI, distributable or not — but the descriptor that references it does, whatever type a
+/// registry invents next. Bounded (oldest first out); a std Mutex, never held across `.await`.
+#[derive(Debug, Default)]
+pub struct Declared {
+    inner: std::sync::Mutex<DeclaredInner>,
+}
+
+#[derive(Debug, Default)]
+struct DeclaredInner {
+    types: std::collections::HashMap<Digest, String>,
+    order: std::collections::VecDeque<Digest>,
+}
+
+/// Declared media types remembered per store: well above the blobs of the images a node holds
+/// (a few MiB at most).
+const DECLARED_ENTRIES: usize = 64 * 1024;
+
+impl Declared {
+    /// Records the media types `manifest` (a manifest or index) declares for its children.
+    /// The first declaration of a digest stays: content is immutable, and one image's
+    /// manifest must not relabel what another's described.
+    pub fn learn(&self, manifest: &[u8]) {
+        let children = media::children(manifest);
+        if children.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for child in children {
+            if child.media_type.is_empty()
+                || child.media_type.len() > 255
+                || inner.types.contains_key(&child.digest)
+            {
+                continue;
+            }
+            inner.types.insert(child.digest.clone(), child.media_type);
+            inner.order.push_back(child.digest);
+            while inner.order.len() > DECLARED_ENTRIES {
+                if let Some(old) = inner.order.pop_front() {
+                    inner.types.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The media type a described manifest or index declared for `digest`.
+    pub fn get(&self, digest: &Digest) -> Option<String> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.types.get(digest).cloned()
+    }
+}
+
+/// The media type a store reports for content: a manifest or index is what its own bytes say
+/// (it is served from `/manifests/`, so a parent may not relabel it, nor make a layer one);
+/// anything else is what a parent declared (every layer type, configs, artifacts), and only
+/// without a declaration what detection found (`application/octet-stream` for non-JSON).
+pub fn classify(detected: &str, declared: Option<String>) -> String {
+    if media::is_manifest_type(detected) {
+        return detected.to_owned();
+    }
+    match declared {
+        Some(d) if !media::is_manifest_type(&d) => d,
+        _ => detected.to_owned(),
+    }
+}
+
 /// Every digest reachable from `root` that this store holds: the root, and for an index its
 /// manifests, for a manifest its config and layers. Children the node lacks (other platforms
 /// of a multi-arch index) are skipped: only what can be served is returned.

@@ -49,6 +49,9 @@ impl Daemon {
             .args(["--data-dir", &dir.join("data").display().to_string()])
             .args(["--containerd-socket", &rig.socket.display().to_string()])
             .args(["--containerd-namespace", &rig.namespace])
+            // No upstream exists for these daemons (their `ns` is a made-up 127.0.0.1:5000):
+            // tags resolve through the node, as before upstream-first; `extra` may override.
+            .args(["--set", "mirror.tag_resolution=cluster-first"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

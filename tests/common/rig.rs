@@ -270,6 +270,29 @@ impl Rig {
             .with_context(|| format!("upstream_requests printed {out:?}"))
     }
 
+    /// Like [`Rig::upstream_requests`], only requests whose user agent starts with `agent`
+    /// (`containerd/`, or `speculum/` for the daemons' own tag HEADs).
+    pub fn upstream_requests_by(
+        &self,
+        method: &str,
+        pattern: &str,
+        n: u32,
+        agent: &str,
+    ) -> Result<u64> {
+        let out = self.call(&["upstream_requests", method, pattern, &node_ip(n), agent])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("upstream_requests printed {out:?}"))
+    }
+
+    /// Copies `src` to `dest` (`repo:tag`, both in the upstream registry) with skopeo and
+    /// `extra` arguments; returns `dest`'s manifest digest.
+    pub fn upstream_copy(&self, src: &str, dest: &str, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["upstream_copy", src, dest];
+        args.extend_from_slice(extra);
+        Ok(self.call(&args)?.trim().to_owned())
+    }
+
     /// Node `n`'s audit records (`nN/audit.jsonl`), polled until `done` holds for them (bounded:
     /// lines are written by the daemon's audit thread shortly after each body ends).
     pub fn audit(&self, n: u32, done: impl Fn(&[AuditLine]) -> bool) -> Result<Vec<AuditLine>> {
@@ -506,6 +529,13 @@ pub struct AuditLine {
     /// The grant (`namespace/pod`) a private object was served under.
     #[serde(default)]
     pub grant: Option<String>,
+    /// Tag requests: who named the digest (`upstream`, `cluster`, `stale`).
+    #[serde(default)]
+    pub tag_source: Option<String>,
+    #[serde(default)]
+    pub tag_upstream: Option<String>,
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 
 # Bump when anything below changes what is generated: the cache is keyed by it.
-VERSION = "v1"
+VERSION = "v3"
 
 # 2000-01-01T00:00:00Z: a fixed, obviously synthetic timestamp for tar headers and configs.
 EPOCH = 946684800
@@ -210,8 +210,14 @@ def small_layers(name, kib):
     ]
 
 
+def plain_layers(name, kib):
+    """small_layers, uncompressed: skopeo compresses them on push (zstd images)."""
+    return [(files, False) for files, _ in small_layers(name, kib)]
+
+
 # What the rig offers. Each entry: name (also the repository rig/<name>), tags, how it is pushed
-# (oci: digests preserved; v2s2: converted by skopeo), and which layers each platform has.
+# (oci: digests preserved; v2s2: converted by skopeo; zstd, zstd:chunked: layers compressed by
+# skopeo --dest-compress-format), and which layers each platform has.
 def image_specs(big_mb):
     return [
         # (a) a small OCI image: config + 2 layers.
@@ -234,6 +240,16 @@ def image_specs(big_mb):
         # (f) never pulled by node 1: the "nobody has it, go upstream" case.
         {"name": "late", "tags": ["v1"], "format": "oci",
          "platforms": {"amd64": small_layers("late", 16)}},
+        # (g) zstd and zstd:chunked layers. Their content is their own and uncompressed in the
+        # layout, so skopeo really compresses it (skopeo 1.9 reuses a known gzip blob of the
+        # same tar instead of recompressing one).
+        # Pushed only when named (on_demand): containerd 1.6 cannot unpack skopeo 1.9's
+        # zstd:chunked layers ("wrong diff id calculated on extraction"), so a test fetches
+        # that one without unpacking.
+        {"name": "zstd", "tags": ["v1"], "format": "zstd", "on_demand": True,
+         "platforms": {"amd64": plain_layers("zstd", 64)}},
+        {"name": "chunked", "tags": ["v1"], "format": "zstd:chunked", "on_demand": True,
+         "platforms": {"amd64": plain_layers("chunked", 64)}},
     ]
 
 
@@ -263,6 +279,7 @@ def build_image(root, spec):
         "repository": f"rig/{spec['name']}",
         "tags": spec["tags"],
         "format": spec["format"],
+        "on_demand": spec.get("on_demand", False),
         "layout": path,
         # Known in advance only when skopeo preserves digests; push-images.sh records the rest.
         "digest": top["digest"] if spec["format"] == "oci" else None,

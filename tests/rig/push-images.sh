@@ -9,7 +9,8 @@
 #                         closure: manifest/index, config, layers with sizes), bytes (their sum)
 #   $RIG_DIR/images.tsv   name, tag ref, digest, by-digest ref, bytes — one line per tag
 #
-#   push-images.sh [NAME...]     default: every image (small docker multi big tags late)
+#   push-images.sh [NAME...]     default: every image but the on-demand ones
+#                                (small docker multi big tags late; on demand: zstd chunked)
 # Environment: RIG_DIR, RIG_BIG_MB (size of the big layer, default 200).
 #
 # Images pushed with format "oci" keep their digests (skopeo --preserve-digests) and must match
@@ -31,6 +32,7 @@ skopeo_push() {
 	case $format in
 	oci) args+=(--all --preserve-digests) ;;
 	v2s2) args+=(--format v2s2) ;;
+	zstd | zstd:chunked) args+=(--dest-compress-format "$format") ;;
 	*) die "unknown image format '$format'" ;;
 	esac
 	up_exec skopeo "${args[@]}" "oci:$layout:$tag" "docker://$dest"
@@ -87,12 +89,14 @@ push_image() {
 }
 
 # record IMAGES_JSON_LINES: merges freshly pushed entries into images.json and rewrites images.tsv.
+# On-demand images stay recorded only until the next push: "every image" never includes them.
 record() {
 	local fresh=$1 old='[]'
 	[[ -f $RIG_DIR/images.json ]] && old=$(jq -c .images "$RIG_DIR/images.json")
 	jq -n --argjson old "$old" --slurpfile fresh <(printf '%s\n' "$fresh") --arg host "$(upstream_host)" '
 		{registry: $host,
-		 images: (($old | map(select(.name as $n | ($fresh | map(.name) | index($n)) | not))) + $fresh
+		 images: (($old | map(select(.on_demand != true)
+		                      | select(.name as $n | ($fresh | map(.name) | index($n)) | not))) + $fresh
 		          | sort_by(.name))}
 	' >"$RIG_DIR/images.json.tmp"
 	mv "$RIG_DIR/images.json.tmp" "$RIG_DIR/images.json"
@@ -112,6 +116,8 @@ push_main() {
 			jq -s -e --arg n "$name" 'any(.name == $n)' <<<"$entries" >/dev/null || die "no image named '$name'"
 		done
 		entries=$(jq -c --args 'select(.name as $n | $ARGS.positional | index($n))' "$@" <<<"$entries")
+	else
+		entries=$(jq -c 'select(.on_demand != true)' <<<"$entries")
 	fi
 	while IFS= read -r entry; do
 		log "pushing $(jq -r .name <<<"$entry")"

@@ -38,6 +38,9 @@ RIG_STOP_TIMEOUT=${RIG_STOP_TIMEOUT:-30}
 # The daemon's tag switches, written into each node's speculum.yaml by write_speculum_config.
 RIG_RESOLVE_TAGS=${RIG_RESOLVE_TAGS:-true}
 RIG_RESOLVE_LATEST_TAG=${RIG_RESOLVE_LATEST_TAG:-true}
+# Who names a tag's digest (mirror.tag_resolution): upstream-first (the daemon's default) or
+# cluster-first.
+RIG_TAG_RESOLUTION=${RIG_TAG_RESOLUTION:-upstream-first}
 # Answers 200 once the daemon's listeners, containerd and first reconcile are ready.
 RIG_READY_URL=${RIG_READY_URL:-http://127.0.0.1:9402/readyz}
 RIG_METRICS_URL=${RIG_METRICS_URL:-http://127.0.0.1:9402/metrics}
@@ -147,6 +150,22 @@ containerd_bin() {
 ctr_pull() {
 	local n=$1 ref=$2
 	ctr_node "$n" images pull --hosts-dir "$(node_certs "$n")" "$ref"
+}
+
+# ctr_fetch N REF: `ctr content fetch` on node N through its hosts.toml: every blob of REF for
+# this platform and the image record, without unpacking (for layers containerd cannot unpack).
+ctr_fetch() {
+	local n=$1 ref=$2
+	ctr_node "$n" content fetch --hosts-dir "$(node_certs "$n")" "$ref" >/dev/null
+}
+
+# mirror_blob_type N REPO DIGEST: the Content-Type node N's mirror endpoint answers a blob HEAD
+# with (empty when it answers none).
+mirror_blob_type() {
+	local n=$1 repo=$2 digest=$3
+	node_exec "$n" curl -sfI --max-time 10 \
+		"${RIG_MIRROR_URL:-http://127.0.0.1:5080}/v2/$repo/blobs/$digest?ns=$(upstream_ip)%3A$RIG_UPSTREAM_PORT" |
+		awk 'tolower($1) == "content-type:" { sub(/\r$/, "", $2); print $2 }' || true
 }
 
 # image_digest N REF: the digest node N's containerd records for REF (empty if none).
@@ -422,14 +441,31 @@ upstream_gets() {
 		"$RIG_DIR/upstream/access.log"
 }
 
-# upstream_requests METHOD PATTERN [CLIENT_IP]: like upstream_gets, for any method (containerd
-# resolves tags with HEAD).
+# upstream_requests METHOD PATTERN [CLIENT_IP] [AGENT]: like upstream_gets, for any method
+# (containerd resolves tags with HEAD), optionally only from a user agent starting with AGENT
+# (`containerd/`, or `speculum/` for the daemon's own tag HEADs).
 upstream_requests() {
-	local method=$1 pattern=$2 client=${3:-}
+	local method=$1 pattern=$2 client=${3:-} agent=${4:-}
 	[[ -f $RIG_DIR/upstream/access.log ]] || { echo 0; return 0; }
-	awk -v c="$client" -v p="$pattern" -v m="\"$method " \
-		'(c == "" || $1 == c) && index($0, m) && index($0, p) { n++ } END { print n + 0 }' \
+	awk -v c="$client" -v p="$pattern" -v m="\"$method " -v a="\"$agent" \
+		'(c == "" || $1 == c) && index($0, m) && index($0, p) && (a == "\"" || index($0, a)) { n++ } END { print n + 0 }' \
 		"$RIG_DIR/upstream/access.log"
+}
+
+# upstream_copy SRC DEST [SKOPEO_ARGS...]: copies image SRC to DEST (both `repo:tag` in the
+# upstream registry) with skopeo inside the upstream namespace, e.g. to move a tag or to
+# recompress an image's layers (`--dest-compress-format zstd`); prints DEST's manifest digest.
+upstream_copy() {
+	local src=$1 dest=$2 f
+	shift 2
+	f=$(mktemp)
+	if ! up_exec skopeo copy --quiet --src-tls-verify=false --dest-tls-verify=false \
+		--digestfile "$f" "$@" "docker://$(upstream_host)/$src" "docker://$(upstream_host)/$dest" >&2; then
+		rm -f "$f"
+		die "skopeo copy $src -> $dest failed"
+	fi
+	cat "$f"
+	rm -f "$f"
 }
 
 # --- containerd per node -------------------------------------------------------------------------
@@ -506,6 +542,8 @@ write_speculum_config() {
 		  certs_dir: "$(node_certs "$n")"
 		  mirrored_registries: ["http://$(upstream_host)"]
 		  mirror_endpoint: "http://127.0.0.1:5080"
+		mirror:
+		  tag_resolution: "$RIG_TAG_RESOLUTION"
 		policy:
 		  resolve_tags: $RIG_RESOLVE_TAGS
 		  resolve_latest_tag: $RIG_RESOLVE_LATEST_TAG

@@ -55,8 +55,8 @@ check_deterministic() {
 	RIG_BIG_MB=1 python3 "$RIG_HERE/mkimages.py" "$a" >/dev/null
 	RIG_BIG_MB=1 python3 "$RIG_HERE/mkimages.py" "$b" >/dev/null
 	local ok=0
-	if [[ $(digests_of "$a/v1-big1") == "$(digests_of "$b/v1-big1")" ]] &&
-		diff -r "$a/v1-big1/small/blobs" "$b/v1-big1/small/blobs" >/dev/null; then
+	if [[ $(digests_of "$a/v3-big1") == "$(digests_of "$b/v3-big1")" ]] &&
+		diff -r "$a/v3-big1/small/blobs" "$b/v3-big1/small/blobs" >/dev/null; then
 		ok=1
 	fi
 	rm -rf "$a" "$b"
@@ -107,7 +107,7 @@ selftest_main() {
 	timed "rig.sh up (3 nodes)" "$RIG_SELF" up
 	check "host namespace blackholes $(rig_subnet)" host_cannot_route
 	local cached="generated"
-	[[ -f $RIG_DIR/images/v1-big${RIG_BIG_MB:-200}/layouts.json ]] && cached="cached"
+	[[ -f $RIG_DIR/images/v3-big${RIG_BIG_MB:-200}/layouts.json ]] && cached="cached"
 	check "layouts generated" timed "mkimages.py (${RIG_BIG_MB:-200} MiB big layer, $cached)" \
 		python3 "$RIG_HERE/mkimages.py" "$RIG_DIR/images"
 	check "images pushed" timed "push-images.sh (all images)" "$RIG_HERE/push-images.sh"
