@@ -216,12 +216,19 @@ async fn concurrent_misses_fetch_once_and_everyone_gets_the_blob() {
         "bytes served to followers from the cache"
     );
     assert_eq!(fetched, data.len() as u64);
-    // The winner's copy completes and is verified.
-    let complete = nodes
-        .iter()
-        .filter(|n| n.coalescer.cache().complete() == vec![digest.clone()])
-        .count();
-    assert_eq!(complete, 1);
+    // The winner's copy completes and is verified. Readers may see the last byte before the
+    // writer has verified and committed the file, so this is polled (bounded), not read once.
+    let complete = || {
+        nodes
+            .iter()
+            .filter(|n| n.coalescer.cache().complete() == vec![digest.clone()])
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while complete() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(complete(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
