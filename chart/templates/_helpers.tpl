@@ -156,7 +156,9 @@ features that are switched off are left out entirely.
 {{- $_ := set $tls "keyFile" (printf "%s/tls.key" $p.webhookTls) }}
 {{- end }}
 {{- $endpoints := list }}
-{{- if $w.resolver.clusterFallback }}
+{{- if and $w.resolver.clusterFallback $w.resolver.clusterEndpoints }}
+{{- $endpoints = $w.resolver.clusterEndpoints }}
+{{- else if $w.resolver.clusterFallback }}
 {{- $endpoints = list (printf "%s-registry.%s.svc:%d" $full .Release.Namespace (int .Values.daemon.ports.peer)) }}
 {{- end }}
 {{- $policy := dict "skipPrefixes" $w.policy.skipPrefixes "strictNamespaces" $w.policy.strictNamespaces }}
