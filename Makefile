@@ -5,6 +5,7 @@
 CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 export SPECULUM_BIN ?= $(CARGO_TARGET_DIR)/debug/speculum
+export SPECULUM_WEBHOOK_BIN ?= $(CARGO_TARGET_DIR)/debug/speculum-webhook
 
 .PHONY: setup build demo test unit chart rig-down fmt lint
 
@@ -21,8 +22,9 @@ demo: build
 ## test: every test: unit, conformance on real containerd, registry, DHT, namespace cluster.
 # SPECULUM_SKIP_K8S=1: the Kubernetes tests ran in `e2e` just before; not twice.
 # SPECULUM_REQUIRE_OPA=1: setup installed OPA, so the bundles must pass real OPA too.
-test: build e2e
-	SPECULUM_SKIP_K8S=1 SPECULUM_REQUIRE_OPA=1 cargo test --workspace --no-fail-fast
+# SPECULUM_SKIP_CLUSTER=1: the cluster tier ran in `cluster-test` just before; not twice.
+test: build e2e cluster-test
+	SPECULUM_SKIP_K8S=1 SPECULUM_SKIP_CLUSTER=1 SPECULUM_REQUIRE_OPA=1 cargo test --workspace --no-fail-fast
 
 ## chart: the Helm chart: lint --strict, template matrix checked against the real binaries,
 ## hook args run for real, manifests dry-run applied to the E2E kube-apiserver (tests/chart.rs).
@@ -115,3 +117,25 @@ e2e: k8s-binaries
 	cargo test -p speculum-webhook --test e2e_kube
 	cargo test --test chart
 	cargo test -p speculum-webhook --test chart e2e
+
+# --- cluster tier (issue 15; tests/cluster/) --------------------------------------------------------
+.PHONY: k8s-node-binaries cluster cluster-down cluster-test
+
+## k8s-node-binaries: the above plus kubelet, kube-proxy, kube-controller-manager, kube-scheduler
+## and kubectl (same pinned release, same cache). Cold about 5 min on 2 cores after k8s-binaries.
+k8s-node-binaries: setup
+	bash tests/k8s/control-plane.sh node-binaries
+
+## cluster: a real 3-node cluster on network namespaces (kubelets, containerd, CNI, kube-proxy),
+## an upstream registry holding the speculum image; prints the KUBECONFIG (README, "Try it on a
+## real local cluster"). `make cluster-down` removes everything it made.
+cluster: build k8s-node-binaries
+	bash tests/cluster/cluster.sh up
+
+cluster-down:
+	bash tests/cluster/cluster.sh down
+
+## cluster-test: the chart installed with Helm on that cluster and every scenario through it
+## (tests/kube_cluster.rs; brings its own cluster up and down).
+cluster-test: build k8s-node-binaries
+	cargo test --test kube_cluster -- --nocapture

@@ -7,6 +7,7 @@
 #   cluster.sh exec N CMD...             CMD inside node N (its network and mount namespace)
 #   cluster.sh cp-exec CMD... / up-exec CMD...   inside the control-plane / upstream namespace
 #   cluster.sh upstream-stop | upstream-start    the "upstream is gone" case
+#   cluster.sh shape N RATE | unshape N   tc tbf on node N's link (both directions)
 #   cluster.sh push LAYOUT:TAG REPO:TAG [REGISTRY]  skopeo copy an OCI layout into a registry
 #
 # Topology (all names start with CLUSTER_PREFIX, "spkc-"; subnet CLUSTER_SUBNET, 10.250.80):
@@ -153,7 +154,7 @@ start_bg() {
 	local name=$1 logfile=$2
 	shift 2
 	mkdir -p "$CLUSTER_DIR/pids" "$(dirname "$logfile")"
-	"$@" </dev/null >>"$logfile" 2>&1 9>&- &
+	"$@" </dev/null >>"$logfile" 2>&1 8>&- 9>&- &
 	echo $! >"$(pid_file "$name")"
 }
 
@@ -364,6 +365,27 @@ make_cgroups() {
 	cat /sys/fs/cgroup/cpuset/cpuset.mems >"/sys/fs/cgroup/cpuset/$c/cpuset.mems"
 }
 
+# cgroup_pids: every process in a cgroup below the kubelets' roots: containers of pods that
+# have their own network namespace (CNI), which kill_ns_stragglers cannot see.
+cgroup_pids() {
+	local d
+	[[ -d /sys/fs/cgroup/pids ]] || return 0
+	for d in /sys/fs/cgroup/pids/${CLUSTER_PREFIX}n*; do
+		[[ -d $d ]] && find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null
+	done | sort -u
+}
+no_cgroup_pids() { [[ -z $(cgroup_pids) ]]; }
+
+kill_cgroup_stragglers() {
+	local pids
+	pids=$(cgroup_pids | tr '\n' ' ')
+	[[ -n ${pids// /} ]] || return 0
+	log "ending leftover container processes: $pids"
+	# shellcheck disable=SC2086
+	kill -s KILL $pids 2>/dev/null || true
+	poll_until 10 "container processes to die" no_cgroup_pids || log "warning: container processes survive: $(cgroup_pids | tr '\n' ' ')"
+}
+
 # remove_cgroups: every cgroup below the cluster's roots, deepest first (runc also creates the
 # same paths in the hybrid unified hierarchy).
 remove_cgroups() {
@@ -479,7 +501,7 @@ start_registry() {
 	is_running "$name" && return 0
 	mkdir -p "$CLUSTER_DIR/pids"
 	nsenter --net="/run/netns/$ns" -- docker-registry serve "$d/config.yml" \
-		</dev/null >>"$d/access.log" 2>>"$d/registry.log" 9>&- &
+		</dev/null >>"$d/access.log" 2>>"$d/registry.log" 8>&- 9>&- &
 	echo $! >"$(pid_file "$name")"
 	poll_until "$CLUSTER_TIMEOUT" "the $name registry at $addr" registry_ok "$ns" "$addr" ||
 		die "the $name registry did not come up; see $d/registry.log"
@@ -498,10 +520,27 @@ push() {
 # build_images: the pause binary (a tiny static C program) and the test images as OCI layouts
 # (tests/cluster/images.py), pushed to the upstream registry; the pause image is also imported
 # into every node (containerd's sandbox image must never need a pull).
+# speculum_layout: the speculum image to push, as LAYOUT:TAG — CLUSTER_SPECULUM_LAYOUT, else
+# built by scripts/image.sh from the binaries next to SPECULUM_BIN; empty when neither works
+# (build_images then packs a stand-in from SPECULUM_BIN and SPECULUM_WEBHOOK_BIN).
+speculum_layout() {
+	local bindir out
+	if [[ -n ${CLUSTER_SPECULUM_LAYOUT:-} ]]; then
+		echo "$CLUSTER_SPECULUM_LAYOUT"
+		return 0
+	fi
+	[[ -x $REPO/scripts/image.sh && -x ${SPECULUM_BIN:-} ]] || return 0
+	bindir=$(dirname "$SPECULUM_BIN")
+	[[ -x $bindir/speculum-webhook ]] || return 0
+	out=$CLUSTER_DIR/speculum-image
+	bash "$REPO/scripts/image.sh" build "$bindir" "$out" >&2 || die "scripts/image.sh build $bindir failed"
+	echo "$out:$(bash "$REPO/scripts/image.sh" tag "$out")"
+}
+
 build_images() {
 	local d=$CLUSTER_DIR/images kubectl dev=()
-	# Without a built image layout (CLUSTER_SPECULUM_LAYOUT), a stand-in from the local binaries.
-	if [[ -z ${CLUSTER_SPECULUM_LAYOUT:-} && -x ${SPECULUM_BIN:-} && -x ${SPECULUM_WEBHOOK_BIN:-} ]]; then
+	SPECULUM_LAYOUT=$(speculum_layout)
+	if [[ -z $SPECULUM_LAYOUT && -x ${SPECULUM_BIN:-} && -x ${SPECULUM_WEBHOOK_BIN:-} ]]; then
 		dev=(--speculum-bin "$SPECULUM_BIN" --webhook-bin "$SPECULUM_WEBHOOK_BIN")
 	fi
 	mkdir -p "$d"
@@ -520,9 +559,12 @@ push_images() {
 	while IFS=$'\t' read -r name src full registry; do
 		if [[ $registry == private ]]; then push "$src" "$full" "$PRIV_NS"; else push "$src" "$full"; fi
 	done < <(jq -r '.images[] | [.name, "\(.layout):\(.tag)", .full, .registry] | @tsv' "$CLUSTER_DIR/images/images.json")
-	# The speculum image as built by scripts/image.sh (LAYOUT:TAG), under speculum/speculum:TAG.
-	if [[ -n ${CLUSTER_SPECULUM_LAYOUT:-} ]]; then
-		push "$CLUSTER_SPECULUM_LAYOUT" "$(upstream_host)/speculum/speculum:${CLUSTER_SPECULUM_LAYOUT##*:}"
+	# The speculum image (LAYOUT:TAG) under speculum/speculum:TAG; the stand-in is tagged dev.
+	if [[ -n $SPECULUM_LAYOUT ]]; then
+		push "$SPECULUM_LAYOUT" "$(upstream_host)/speculum/speculum:${SPECULUM_LAYOUT##*:}"
+		echo "$(upstream_host)/speculum/speculum:${SPECULUM_LAYOUT##*:}" >"$CLUSTER_DIR/speculum-ref"
+	elif jq -e '.images[] | select(.name == "speculum:dev")' "$CLUSTER_DIR/images/images.json" >/dev/null; then
+		echo "$(upstream_host)/speculum/speculum:dev" >"$CLUSTER_DIR/speculum-ref"
 	fi
 	log "images pushed in $((SECONDS - started))s"
 }
@@ -552,7 +594,7 @@ start_control_plane() {
 		--service-account-key-file="$CLUSTER_DIR/pki/sa.pub" --service-account-signing-key-file="$CLUSTER_DIR/pki/sa.key" \
 		--service-account-issuer=https://kubernetes.default.svc.cluster.local \
 		--service-cluster-ip-range="$(service_cidr)" --allow-privileged=true \
-		--enable-aggregator-routing=true \
+		--enable-aggregator-routing=true --kubelet-preferred-address-types=InternalIP \
 		--enable-admission-plugins=NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ServiceAccount \
 		--profiling=false --v=1
 	# The host's door to the API server: loopback port ↔ unix socket ↔ the API server's port in
@@ -805,7 +847,7 @@ cmd_up() {
 	done
 	# A fresh cluster: last run's state goes; the image layouts stay (they are deterministic).
 	rm -rf --one-file-system "$CLUSTER_DIR"/n[0-9]* "$CLUSTER_DIR/cp" "$CLUSTER_DIR/pki" \
-		"$CLUSTER_DIR/upstream" "$CLUSTER_DIR/private" "$CLUSTER_DIR/pids"
+		"$CLUSTER_DIR/upstream" "$CLUSTER_DIR/private" "$CLUSTER_DIR/pids" "$CLUSTER_DIR/speculum-ref"
 	mkdir -p "$CLUSTER_DIR/pids"
 	echo "$nodes" >"$CLUSTER_DIR/nodes"
 	echo "$bin" >"$CLUSTER_DIR/k8s-bin"
@@ -836,6 +878,9 @@ cmd_up() {
 	for ((n = 1; n <= nodes; n++)); do start_node_agents "$n" "$bin"; done
 	poll_until "$CLUSTER_TIMEOUT" "$nodes nodes Ready" nodes_ready "$nodes" ||
 		die "nodes not Ready; see $CLUSTER_DIR/n*/kubelet.log"
+	# Pods cannot be created before the controller-manager made the default ServiceAccount.
+	poll_until "$CLUSTER_TIMEOUT" "the default ServiceAccount" kubectl_ get serviceaccount default -n default ||
+		die "no default ServiceAccount; see $CLUSTER_DIR/cp/controller-manager.log"
 	trap - EXIT
 	log "up in $((SECONDS - started))s: $nodes nodes, upstream http://$(upstream_host), state in $CLUSTER_DIR"
 	echo "export KUBECONFIG=$CLUSTER_DIR/kubeconfig"
@@ -851,6 +896,7 @@ cmd_down() {
 	for f in "$CLUSTER_DIR"/pids/*.pid; do [[ -e $f ]] && names+=("$(basename "$f" .pid)"); done
 	((${#names[@]} == 0)) || stop_all TERM "$CLUSTER_TIMEOUT" "${names[@]}"
 	kill_ns_stragglers
+	kill_cgroup_stragglers
 	remove_mount_ns
 	# Mounts that escaped a node namespace (none expected), deepest first.
 	awk -v d="$CLUSTER_DIR/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
@@ -896,6 +942,7 @@ cmd_env() {
 		CLUSTER_NODE_IPS=$(for ((n = 1; n <= $(node_count); n++)); do printf '%s ' "$(node_ip "$n")"; done)
 		CLUSTER_PAUSE=$(pause_ref)
 		CLUSTER_IMAGES=$CLUSTER_DIR/images/images.json
+		CLUSTER_SPECULUM_IMAGE=$(cat "$CLUSTER_DIR/speculum-ref" 2>/dev/null || true)
 	EOF
 }
 
@@ -916,6 +963,18 @@ main() {
 	up-exec) shift; in_ns "$UP_NS" "$@" ;;
 	upstream-stop) stop_all TERM "$CLUSTER_TIMEOUT" upstream ;;
 	upstream-start) start_registry upstream "$UP_NS" "$(upstream_host)" ;;
+	shape)
+		# shape N RATE / unshape N: limit node N's link (both directions), e.g. so a transfer is
+		# slow enough to interrupt.
+		[[ ${2:-} =~ ^[0-9]+$ && -n ${3:-} ]] || die "usage: cluster.sh shape N RATE"
+		tbf "$3" "$BRIDGE_NS" "v-n$2"
+		tbf "$3" "$(node_ns "$2")" eth0
+		;;
+	unshape)
+		[[ ${2:-} =~ ^[0-9]+$ ]] || die "usage: cluster.sh unshape N"
+		tc -n "$BRIDGE_NS" qdisc del dev "v-n$2" root 2>/dev/null || true
+		tc -n "$(node_ns "$2")" qdisc del dev eth0 root 2>/dev/null || true
+		;;
 	push)
 		shift
 		[[ $# -ge 2 ]] || die "usage: cluster.sh push LAYOUT:TAG HOST/REPO:TAG [upstream|private]"
