@@ -22,8 +22,9 @@ demo: build
 ## test: every test: unit, conformance on real containerd, registry, DHT, namespace cluster.
 # SPECULUM_SKIP_K8S=1: the Kubernetes tests ran in `e2e` just before; not twice.
 # SPECULUM_REQUIRE_OPA=1: setup installed OPA, so the bundles must pass real OPA too.
+# The image (release binaries) comes first: tests/image.rs checks it and the cluster tier runs it.
 # SPECULUM_SKIP_CLUSTER=1: the cluster tier ran in `cluster-test` just before; not twice.
-test: build e2e cluster-test
+test: build image e2e cluster-test
 	SPECULUM_SKIP_K8S=1 SPECULUM_SKIP_CLUSTER=1 SPECULUM_REQUIRE_OPA=1 cargo test --workspace --no-fail-fast
 
 ## chart: the Helm chart: lint --strict, template matrix checked against the real binaries,
@@ -118,6 +119,29 @@ e2e: k8s-binaries
 	cargo test --test chart
 	cargo test -p speculum-webhook --test chart e2e
 
+# --- the container image (issue 15; README "Container image") ------------------------------------
+.PHONY: image image-push
+
+# release (default) or debug: debug binaries assemble into a larger image, for quick local tries.
+IMAGE_PROFILE ?= release
+IMAGE_DIR ?= $(CARGO_TARGET_DIR)/image/speculum
+# Binaries tests/image.rs packs (always the release ones).
+export SPECULUM_IMAGE_BINS ?= $(CARGO_TARGET_DIR)/release
+
+## image: both binaries in one reproducible OCI layout at $(IMAGE_DIR) (tag: the Cargo version),
+## built by scripts/image.sh without Docker. IMAGE_PUSH=HOST:PORT/REPO:TAG also pushes it (skopeo).
+image: setup
+	cargo build -j 2 --profile $(if $(filter debug,$(IMAGE_PROFILE)),dev,release) \
+	  -p speculum -p speculum-webhook --bin speculum --bin speculum-webhook
+	bash scripts/image.sh build $(CARGO_TARGET_DIR)/$(IMAGE_PROFILE) $(IMAGE_DIR)
+	$(if $(IMAGE_PUSH),bash scripts/image.sh push $(IMAGE_DIR) $(IMAGE_PUSH))
+
+## image-push REF=HOST:PORT/REPO:TAG: build the image, then push it (IMAGE_TLS_VERIFY=true for a
+## registry with a real certificate).
+image-push: image
+	@test -n "$(REF)" || { echo "usage: make image-push REF=127.0.0.1:5000/speculum/speculum:TAG" >&2; exit 2; }
+	bash scripts/image.sh push $(IMAGE_DIR) $(REF)
+
 # --- cluster tier (issue 15; tests/cluster/) --------------------------------------------------------
 .PHONY: k8s-node-binaries cluster cluster-down cluster-test
 
@@ -129,13 +153,14 @@ k8s-node-binaries: setup
 ## cluster: a real 3-node cluster on network namespaces (kubelets, containerd, CNI, kube-proxy),
 ## an upstream registry holding the speculum image; prints the KUBECONFIG (README, "Try it on a
 ## real local cluster"). `make cluster-down` removes everything it made.
-cluster: build k8s-node-binaries
-	bash tests/cluster/cluster.sh up
+cluster: build image k8s-node-binaries
+	CLUSTER_SPECULUM_LAYOUT=$(IMAGE_DIR):$$(bash scripts/image.sh tag $(IMAGE_DIR)) bash tests/cluster/cluster.sh up
 
 cluster-down:
 	bash tests/cluster/cluster.sh down
 
 ## cluster-test: the chart installed with Helm on that cluster and every scenario through it
 ## (tests/kube_cluster.rs; brings its own cluster up and down).
-cluster-test: build k8s-node-binaries
-	cargo test --test kube_cluster -- --nocapture
+cluster-test: build image k8s-node-binaries
+	SPECULUM_IMAGE_LAYOUT=$(IMAGE_DIR):$$(bash scripts/image.sh tag $(IMAGE_DIR)) \
+	  cargo test --test kube_cluster -- --nocapture

@@ -15,6 +15,8 @@ APT_PACKAGES=(
   apache2-utils     # htpasswd for the webhook's private-registry tests
   nginx-light       # bench/serving.sh: the sendfile reference for the daemon's serving cost
   openssl           # tests/k8s: certificates and the ServiceAccount signing key of the E2E API server
+  umoci             # tests/image.rs: unpacks (and so validates) the image layout for the chroot runs
+  buildah           # tests/image.rs: builds the Dockerfile's final stage without a Docker daemon
 )
 # Go ≥ 1.26 builds the rig's CRI client (Debian's golang-go is too old; the machine's Go is used).
 # The same Go builds the Kubernetes E2E tier's kube-apiserver and etcd from pinned wrapper modules
