@@ -255,7 +255,7 @@ fn big_image(c: &Cluster, split: &mut Split) -> Result<()> {
     );
     // Upstream stopped: the third replica, on a node without the image, still starts.
     c.script(&["upstream-stop"])?;
-    let result = (|| {
+    let result = (|| -> Result<()> {
         c.kubectl(&["scale", "-n", "apps", "deployment/big", "--replicas=3"])?;
         let placed = wait_replicas(c, "apps", "big", 3, PULL_WAIT)?;
         let z = *placed.iter().find(|&&n| n != x && n != y).context("no third node")?;
@@ -284,7 +284,7 @@ fn deleted_mid_stream(c: &Cluster, split: &mut Split) -> Result<()> {
     wait_mirror_has(c, dst, "cluster/big2", &big2.digest)?;
     // Slow the source's link so the stream is still running when its pod goes.
     c.script(&["shape", &src.to_string(), "100mbit"])?;
-    let result = (|| {
+    let result = (|| -> Result<()> {
         let peer0 = c.metric(dst, &PEER_BYTES)?;
         c.apply(&deployment("big2-dst", "apps", &big2.full, 1, Some(dst)))?;
         c.wait("the layer to stream from n1 to n2", PULL_WAIT, || {
@@ -351,11 +351,15 @@ fn webhook(c: &Cluster, split: &mut Split) -> Result<()> {
         b = pinned("web-b")?;
         Ok(b == format!("{moving}@{}", v2.digest))
     })?;
-    let placed = wait_replicas(c, "pin", "web-b", 1, PULL_WAIT)?;
-    // Upstream down → the tag resolves through the daemons (the node running web-b has it).
-    wait_mirror_has(c, placed[0], "cluster/web", &v2.digest)?;
+    wait_replicas(c, "pin", "web-b", 1, PULL_WAIT)?;
+    // Upstream down → the tag resolves through the daemons. Pinned pods are pulled by digest
+    // (containerd then records no tag), so the tag is held by a pull by tag: a Deployment in a
+    // namespace that is not pinned.
+    c.apply(&deployment("web-holder", "apps", &moving, 1, None))?;
+    let holder = wait_replicas(c, "apps", "web-holder", 1, PULL_WAIT)?[0];
+    wait_mirror_has(c, holder, "cluster/web", "current")?;
     c.script(&["upstream-stop"])?;
-    let result = (|| {
+    let result = (|| -> Result<()> {
         let got = pinned("web-c")?;
         ensure!(got == format!("{moving}@{}", v2.digest), "web-c pinned to {got:?} with upstream down");
         wait_replicas(c, "pin", "web-c", 1, PULL_WAIT)?;
@@ -371,8 +375,9 @@ fn webhook(c: &Cluster, split: &mut Split) -> Result<()> {
     })();
     c.script(&["upstream-start"])?;
     result?;
-    split.note(format!("web-a → v1, web-b → v2 after the tag moved, web-c → v2 through the daemons"));
+    split.note("web-a → v1, web-b → v2 after the tag moved, web-c → v2 through the daemons".into());
     c.kubectl(&["delete", "namespace", "pin", "--wait=false"])?;
+    c.kubectl(&["delete", "deployment", "-n", "apps", "web-holder", "--wait=false"])?;
     Ok(())
 }
 
@@ -687,7 +692,8 @@ fn wait_replicas(c: &Cluster, ns: &str, app: &str, want: usize, limit: Duration)
     Ok(nodes)
 }
 
-/// Waits until node `n`'s mirror finds a manifest (the holder advertised it in the DHT).
+/// Waits until node `n`'s mirror finds a manifest by digest or tag (a holder advertised it in
+/// the DHT, or `n` holds it).
 fn wait_mirror_has(c: &Cluster, n: u32, repo: &str, digest: &str) -> Result<()> {
     let up = c.upstream()?.replace(':', "%3A");
     let url = format!("http://127.0.0.1:5080/v2/{repo}/manifests/{digest}?ns={up}");

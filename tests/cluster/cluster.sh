@@ -894,7 +894,9 @@ cmd_down() {
 	((${#names[@]} == 0)) || stop_all TERM "$CLUSTER_TIMEOUT" "${names[@]}"
 	names=()
 	for f in "$CLUSTER_DIR"/pids/*.pid; do [[ -e $f ]] && names+=("$(basename "$f" .pid)"); done
-	((${#names[@]} == 0)) || stop_all TERM "$CLUSTER_TIMEOUT" "${names[@]}"
+	# 10 s, then KILL: kube-apiserver drains its watches for a minute, and nothing here keeps
+	# state that must survive.
+	((${#names[@]} == 0)) || stop_all TERM 10 "${names[@]}"
 	kill_ns_stragglers
 	kill_cgroup_stragglers
 	remove_mount_ns

@@ -272,24 +272,22 @@ impl Cluster {
         Ok(logs
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|v| audit_record(&v))
+            .filter_map(|v| audit_line(&v))
             .collect())
     }
 }
 
-/// An audit record out of one JSON log line: the line itself (audit file layout) or its
-/// `fields` (the tracing JSON layout puts event fields there).
-fn audit_record(line: &Value) -> Option<Value> {
+/// An audit record out of one JSON log line: the daemon's JSON log carries it, as a JSON
+/// string, in `message` (target `speculum::audit`); an audit file line is the record itself.
+fn audit_line(line: &Value) -> Option<Value> {
     let is_audit = |v: &Value| v.get("event").is_some() && v.get("served_from").is_some();
     if is_audit(line) {
         return Some(line.clone());
     }
-    let fields = line.get("fields")?;
-    if is_audit(fields) {
-        return Some(fields.clone());
-    }
-    // An audit line carried as one JSON string in the message.
-    let msg = fields.get("message")?.as_str()?;
+    let msg = line
+        .get("message")
+        .or_else(|| line.get("fields")?.get("message"))?
+        .as_str()?;
     let inner: Value = serde_json::from_str(msg).ok()?;
     is_audit(&inner).then_some(inner)
 }
