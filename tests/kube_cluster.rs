@@ -453,7 +453,10 @@ fn tenancy(c: &Cluster, split: &mut Split) -> Result<()> {
             && a["grant"].as_str().is_some_and(|g| g.starts_with("team-a/"))),
         "no audit line on n1 serving the private image to a peer under a team-a grant"
     );
-    // team-b on n2 without credentials: the mirror refuses (no grant) and the registry says 401.
+    // team-b on n2 without credentials, once team-a's pod is gone (while it exists, its grant
+    // covers the image on that node: containerd's requests carry no pod identity). n2 still
+    // holds the image, but the mirror refuses it (no grant) and the registry says 401.
+    c.kubectl(&["delete", "pod", "-n", "team-a", "a2", "--wait=true", "--timeout=60s"])?;
     c.apply(&pod("b2", "team-b", &secret.full, 2, None, "Always"))?;
     c.wait("b2 to fail its pull", PULL_WAIT, || {
         let p = c.kubectl_json(&["get", "pod", "-n", "team-b", "b2"])?;
@@ -467,6 +470,11 @@ fn tenancy(c: &Cluster, split: &mut Split) -> Result<()> {
             && a["reason"] == "private: no grant"
             && a["namespaces"].as_array().is_some_and(|ns| ns.iter().any(|n| n == "team-b"))),
         "no audit line on n2 refusing team-b (private: no grant)"
+    );
+    let ip2 = c.node_ip(2)?;
+    ensure!(
+        c.access_log("private")?[log0..].iter().any(|a| a.client == ip2 && a.status == 401),
+        "the private registry never refused n2 (401)"
     );
     split.note(format!("n1 from the private registry, n2 (team-a) {:.1} MB from n1 by grant, team-b refused", peer / 1e6));
     for ns in ["team-a", "team-b"] {
