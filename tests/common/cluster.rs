@@ -75,7 +75,10 @@ pub struct Cluster {
 impl Cluster {
     /// Brings the cluster up. Never skips: every reason it cannot run is an error.
     pub fn start(extra_env: &[(&str, &str)]) -> Result<Cluster> {
-        ensure!(super::rig::is_root()?, "the cluster tier needs root (namespaces, mounts, cgroups)");
+        ensure!(
+            super::rig::is_root()?,
+            "the cluster tier needs root (namespaces, mounts, cgroups)"
+        );
         let repo = repo_root();
         let script = repo.join("tests/cluster/cluster.sh");
         let dir = PathBuf::from(
@@ -173,7 +176,10 @@ impl Cluster {
     /// CMD inside node `n` (its network and mount namespace).
     pub fn node_exec(&self, n: u32, args: &[&str]) -> Result<String> {
         let mut c = Command::new("bash");
-        c.arg(&self.script).arg("exec").arg(n.to_string()).args(args);
+        c.arg(&self.script)
+            .arg("exec")
+            .arg(n.to_string())
+            .args(args);
         run(&mut c, WAIT)
     }
 
@@ -205,12 +211,25 @@ impl Cluster {
         let path = self.var("CLUSTER_IMAGES")?;
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
         let file: ImagesFile = serde_json::from_str(&text).context("images.json")?;
-        Ok(file.images.into_iter().map(|i| (i.name.clone(), i)).collect())
+        Ok(file
+            .images
+            .into_iter()
+            .map(|i| (i.name.clone(), i))
+            .collect())
     }
 
     /// Node `n`'s daemon `/metrics`, fetched from inside the node (the daemon is hostNetwork).
     pub fn metrics(&self, n: u32) -> Result<String> {
-        self.node_exec(n, &["curl", "-fsS", "--max-time", "5", "http://127.0.0.1:9402/metrics"])
+        self.node_exec(
+            n,
+            &[
+                "curl",
+                "-fsS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9402/metrics",
+            ],
+        )
     }
 
     pub fn metric(&self, n: u32, series: &Series) -> Result<f64> {
@@ -225,7 +244,12 @@ impl Cluster {
     }
 
     /// Polls `check` every 500 ms until it returns true; fails after `limit` with `what`.
-    pub fn wait(&self, what: &str, limit: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    pub fn wait(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
         let t0 = Instant::now();
         let mut last_err = None;
         loop {
@@ -236,7 +260,9 @@ impl Cluster {
             }
             if t0.elapsed() > limit {
                 match last_err {
-                    Some(e) => bail!("timed out after {limit:?} waiting for {what}; last error: {e:#}"),
+                    Some(e) => {
+                        bail!("timed out after {limit:?} waiting for {what}; last error: {e:#}")
+                    }
                     None => bail!("timed out after {limit:?} waiting for {what}"),
                 }
             }
@@ -267,7 +293,9 @@ impl Cluster {
 
     /// The audit records node `n`'s daemon pod logged (JSON lines with an `event` field).
     pub fn audit(&self, n: u32) -> Result<Vec<Value>> {
-        let pod = self.daemon_pod(n)?.with_context(|| format!("no daemon pod on n{n}"))?;
+        let pod = self
+            .daemon_pod(n)?
+            .with_context(|| format!("no daemon pod on n{n}"))?;
         let logs = self.kubectl(&["logs", "-n", NAMESPACE, &pod, "-c", "speculum"])?;
         Ok(logs
             .lines()
@@ -295,7 +323,9 @@ fn audit_line(line: &Value) -> Option<Value> {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::env::var("CLUSTER_KEEP").as_deref() == Ok("1") {
-            self.step("CLUSTER_KEEP=1: leaving the cluster up (tests/cluster/cluster.sh down removes it)");
+            self.step(
+                "CLUSTER_KEEP=1: leaving the cluster up (tests/cluster/cluster.sh down removes it)",
+            );
             return;
         }
         self.step("cluster down");
@@ -416,6 +446,8 @@ fn finish(cmd: &Command, child: std::process::Child, limit: Duration) -> Result<
 
 fn tail(s: &str, n: usize) -> &str {
     let start = s.len().saturating_sub(n);
-    let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
     &s[start..]
 }

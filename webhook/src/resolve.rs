@@ -471,8 +471,7 @@ impl Resolver {
             );
             reference.set_mirror_registry(endpoint.clone());
             let client = self.client(endpoint, &identity)?;
-            match client.fetch_manifest_digest(&reference, &auth).await
-            {
+            match client.fetch_manifest_digest(&reference, &auth).await {
                 Ok(d) => return check_digest(endpoint, d),
                 Err(e) => last = Some(classify(r, e)),
             }
