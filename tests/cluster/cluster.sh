@@ -47,6 +47,10 @@ CLUSTER_API_PORT=${CLUSTER_API_PORT:-}               # host loopback port of the
 CLUSTER_TIMEOUT=${CLUSTER_TIMEOUT:-120}              # seconds for any bounded wait here
 CLUSTER_UPSTREAM_RATE=${CLUSTER_UPSTREAM_RATE:-}     # tc tbf rate of the upstream registry's link
 CLUSTER_NODE_RATE=${CLUSTER_NODE_RATE:-}             # tc tbf rate of each node's link
+# The speculum image pushed as <upstream>/speculum/speculum:<tag>: CLUSTER_SPECULUM_LAYOUT
+# (DIR:TAG, e.g. from `make image`), else scripts/image.sh on the binaries next to SPECULUM_BIN,
+# else a stand-in packed from SPECULUM_BIN and SPECULUM_WEBHOOK_BIN (tag dev).
+CLUSTER_SPECULUM_LAYOUT=${CLUSTER_SPECULUM_LAYOUT:-}
 
 BRIDGE_NS=${CLUSTER_PREFIX}br
 CP_NS=${CLUSTER_PREFIX}cp
