@@ -217,23 +217,18 @@ fn install(c: &Cluster) -> Result<()> {
         "6m",
     ])?;
     let nodes = c.nodes()?;
-    let ds = c.kubectl_json(&["get", "daemonset", "-n", NAMESPACE, RELEASE])?;
-    let ready = ds["status"]["numberReady"].as_u64().unwrap_or(0);
-    ensure!(
-        ready == u64::from(nodes),
-        "DaemonSet Ready on {ready} of {nodes} nodes: {}",
-        ds["status"]
-    );
-    let wh = c.kubectl_json(&[
-        "get",
-        "deployment",
-        "-n",
-        NAMESPACE,
-        &format!("{RELEASE}-webhook"),
-    ])?;
-    let want = wh["spec"]["replicas"].as_u64().unwrap_or(0);
-    let got = wh["status"]["readyReplicas"].as_u64().unwrap_or(0);
-    ensure!(want > 0 && got == want, "webhook Ready {got} of {want}");
+    wait_daemonset(c)?;
+    c.wait("the webhook Deployment Ready", WAIT, || {
+        let wh = c.kubectl_json(&[
+            "get",
+            "deployment",
+            "-n",
+            NAMESPACE,
+            &format!("{RELEASE}-webhook"),
+        ])?;
+        let want = wh["spec"]["replicas"].as_u64().unwrap_or(0);
+        Ok(want > 0 && wh["status"]["readyReplicas"].as_u64() == Some(want))
+    })?;
     let up = c.upstream()?.to_string();
     for n in 1..=nodes {
         // The init container rewrote the node's hosts.toml to point at the daemon.
@@ -254,6 +249,33 @@ fn install(c: &Cluster) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Waits until the daemon DaemonSet is rolled out and Ready on every node, with no pod left
+/// terminating: `helm --wait` returns once at most maxUnavailable pods are not ready.
+fn wait_daemonset(c: &Cluster) -> Result<()> {
+    let nodes = u64::from(c.nodes()?);
+    c.wait(
+        &format!("the DaemonSet rolled out and Ready on all {nodes} nodes"),
+        WAIT,
+        || {
+            let ds = c.kubectl_json(&["get", "daemonset", "-n", NAMESPACE, RELEASE])?;
+            let st = &ds["status"];
+            let pods = c.kubectl_json(&[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component=daemon",
+            ])?;
+            let count = pods["items"].as_array().map_or(0, Vec::len) as u64;
+            Ok(st["observedGeneration"] == ds["metadata"]["generation"]
+                && st["numberReady"].as_u64() == Some(nodes)
+                && st["updatedNumberScheduled"].as_u64() == Some(nodes)
+                && count == nodes)
+        },
+    )
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -773,6 +795,7 @@ fn upgrade(c: &Cluster, split: &mut Split) -> Result<()> {
     upgrading
         .join()
         .map_err(|_| anyhow::anyhow!("helm upgrade thread panicked"))??;
+    wait_daemonset(c)?;
     let after = uids(c)?;
     ensure!(
         after.iter().all(|u| !before.contains(u)),
@@ -819,6 +842,7 @@ fn upgrade(c: &Cluster, split: &mut Split) -> Result<()> {
         "--timeout",
         "5m",
     ])?;
+    wait_daemonset(c)?;
     let url = format!(
         "http://127.0.0.1:5080/v2/cluster/big/manifests/{}?ns={}",
         big.digest,
