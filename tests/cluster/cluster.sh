@@ -8,7 +8,7 @@
 #   cluster.sh cp-exec CMD... / up-exec CMD...   inside the control-plane / upstream namespace
 #   cluster.sh upstream-stop | upstream-start    the "upstream is gone" case
 #   cluster.sh shape N RATE | unshape N   tc tbf on node N's link (both directions)
-#   cluster.sh push LAYOUT:TAG REPO:TAG [REGISTRY]  skopeo copy an OCI layout into a registry
+#   cluster.sh push LAYOUT:TAG HOST/REPO:TAG [private]   skopeo copy of an OCI layout (digests kept)
 #
 # Topology (all names start with CLUSTER_PREFIX, "spkc-"; subnet CLUSTER_SUBNET, 10.250.80):
 #   spkc-br   a bridge joining everything below on CLUSTER_SUBNET.0/24
@@ -26,8 +26,8 @@
 # packet to a namespace address; it holds blackhole routes for every subnet of the cluster.
 #
 # Processes are stopped by recorded PID (checked against their command line) or because they
-# live in a cluster namespace; never by name. `down` removes every process, mount, namespace,
-# cgroup, route and sysctl change `up` made.
+# live in a cluster namespace or a kubelet's cgroup; never by name. `down` removes every process,
+# mount, namespace, cgroup, route and sysctl change `up` made.
 set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
