@@ -5,6 +5,7 @@
 CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 export SPECULUM_BIN ?= $(CARGO_TARGET_DIR)/debug/speculum
+export SPECULUM_WEBHOOK_BIN ?= $(CARGO_TARGET_DIR)/debug/speculum-webhook
 
 .PHONY: setup build demo test unit chart rig-down fmt lint
 
@@ -23,8 +24,9 @@ demo: build
 # SPECULUM_REQUIRE_OPA=1: setup installed OPA, so the bundles must pass real OPA too.
 # The image (release binaries) comes first: tests/image.rs checks it and the cluster tier runs it.
 # The workspace run covers the default containerd (the 2.x LTS); containerd-matrix the others.
-test: build image e2e containerd-matrix
-	SPECULUM_SKIP_K8S=1 SPECULUM_REQUIRE_OPA=1 cargo test --workspace --no-fail-fast
+# SPECULUM_SKIP_CLUSTER=1: the cluster tier ran in `cluster-test` just before; not twice.
+test: build image e2e cluster-test containerd-matrix
+	SPECULUM_SKIP_K8S=1 SPECULUM_SKIP_CLUSTER=1 SPECULUM_REQUIRE_OPA=1 cargo test --workspace --no-fail-fast
 
 # --- containerd version matrix (issue 17; tests/containerd/) -----------------------------------------
 .PHONY: containerd-binaries containerd-matrix
@@ -163,3 +165,26 @@ image: setup
 image-push: image
 	@test -n "$(REF)" || { echo "usage: make image-push REF=127.0.0.1:5000/speculum/speculum:TAG" >&2; exit 2; }
 	bash scripts/image.sh push $(IMAGE_DIR) $(REF)
+
+# --- cluster tier (issue 15; tests/cluster/) --------------------------------------------------------
+.PHONY: k8s-node-binaries cluster cluster-down cluster-test
+
+## k8s-node-binaries: the above plus kubelet, kube-proxy, kube-controller-manager, kube-scheduler
+## and kubectl (same pinned release, same cache). Cold about 5 min on 2 cores after k8s-binaries.
+k8s-node-binaries: setup
+	bash tests/k8s/control-plane.sh node-binaries
+
+## cluster: a real 3-node cluster on network namespaces (kubelets, containerd, CNI, kube-proxy),
+## an upstream registry holding the speculum image; prints the KUBECONFIG (README, "Try it on a
+## real local cluster"). `make cluster-down` removes everything it made.
+cluster: build image k8s-node-binaries
+	CLUSTER_SPECULUM_LAYOUT=$(IMAGE_DIR):$$(bash scripts/image.sh tag $(IMAGE_DIR)) bash tests/cluster/cluster.sh up
+
+cluster-down:
+	bash tests/cluster/cluster.sh down
+
+## cluster-test: the chart installed with Helm on that cluster and every scenario through it
+## (tests/kube_cluster.rs; brings its own cluster up and down).
+cluster-test: build image k8s-node-binaries
+	SPECULUM_IMAGE_LAYOUT=$(IMAGE_DIR):$$(bash scripts/image.sh tag $(IMAGE_DIR)) \
+	  cargo test --test kube_cluster -- --nocapture

@@ -15,6 +15,12 @@ APT_PACKAGES=(
   apache2-utils     # htpasswd for the webhook's private-registry tests
   nginx-light       # bench/serving.sh: the sendfile reference for the daemon's serving cost
   openssl           # tests/k8s: certificates and the ServiceAccount signing key of the E2E API server
+  # The cluster tier (tests/cluster/): real kubelets on network namespaces.
+  containernetworking-plugins # CNI bridge + host-local + loopback for the nodes' pods
+  iptables conntrack          # kube-proxy (iptables mode) on every node
+  socat                       # the host's loopback door to the API server in its namespace
+  busybox-static              # the test images' base layer (a shell for kubectl exec)
+  gcc libc6-dev               # the pause image: a tiny static C program
   umoci             # tests/image.rs: unpacks (and so validates) the image layout for the chroot runs
   buildah           # tests/image.rs: builds the Dockerfile's final stage without a Docker daemon
 )

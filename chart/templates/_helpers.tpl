@@ -75,6 +75,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.webhook.enabled .Values.webhook.grants.enabled .Values.tenancy.enabled }}true{{ end }}
 {{- end }}
 
+{{/*
+The webhook's cluster fallback asks the daemons' peer port, which with kubernetes peer
+authentication refuses anonymous requests: the webhook then presents its own projected token
+(audience tenancy.peerAuth.audience) and its ServiceAccount is one the daemons accept.
+*/}}
+{{- define "speculum.webhookPeerToken" -}}
+{{- if and .Values.webhook.enabled .Values.webhook.resolver.clusterFallback .Values.tenancy.enabled (eq .Values.tenancy.peerAuth.mode "kubernetes") }}true{{ end }}
+{{- end }}
+
 {{/* Container paths (fixed; the host paths come from values). */}}
 {{- define "speculum.paths" -}}
 config: /etc/speculum/config.yaml
@@ -127,6 +136,9 @@ features that are switched off are left out entirely.
 {{- if .Values.tenancy.enabled }}
 {{- $t := .Values.tenancy }}
 {{- $sas := list (printf "%s:%s" .Release.Namespace (include "speculum.daemonServiceAccount" .)) }}
+{{- if include "speculum.webhookPeerToken" . }}
+{{- $sas = append $sas (printf "%s:%s" .Release.Namespace (include "speculum.webhookServiceAccount" .)) }}
+{{- end }}
 {{- $sas = concat $sas $t.peerAuth.extraServiceAccounts }}
 {{- $peer := dict "mode" $t.peerAuth.mode }}
 {{- if eq $t.peerAuth.mode "kubernetes" }}
@@ -156,7 +168,9 @@ features that are switched off are left out entirely.
 {{- $_ := set $tls "keyFile" (printf "%s/tls.key" $p.webhookTls) }}
 {{- end }}
 {{- $endpoints := list }}
-{{- if $w.resolver.clusterFallback }}
+{{- if and $w.resolver.clusterFallback $w.resolver.clusterEndpoints }}
+{{- $endpoints = $w.resolver.clusterEndpoints }}
+{{- else if $w.resolver.clusterFallback }}
 {{- $endpoints = list (printf "%s-registry.%s.svc:%d" $full .Release.Namespace (int .Values.daemon.ports.peer)) }}
 {{- end }}
 {{- $policy := dict "skipPrefixes" $w.policy.skipPrefixes "strictNamespaces" $w.policy.strictNamespaces }}
@@ -173,6 +187,9 @@ features that are switched off are left out entirely.
   "resolver" (dict "timeout" $w.resolver.timeout "cacheTtl" $w.resolver.cacheTtl "cacheCapacity" (int $w.resolver.cacheCapacity) "registries" $w.resolver.registries "clusterEndpoints" $endpoints)
   "policy" $policy
 }}
+{{- if include "speculum.webhookPeerToken" . }}
+{{- $_ := set $cfg.resolver "clusterTokenFile" $p.token }}
+{{- end }}
 {{- if include "speculum.grantsEnabled" . }}
 {{- $_ := set $cfg "grants" (dict "signingKeyFile" $p.grantKey "ttl" $w.grants.ttl "audience" .Values.tenancy.grants.audience "mirrorPolicyDir" $p.policy "publishConfigMap" (printf "%s/%s-grant-keys" .Release.Namespace $full)) }}
 {{- end }}

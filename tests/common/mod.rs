@@ -2,6 +2,7 @@
 //! uses a part of it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod containerd;
 pub mod daemon;
 pub mod dht;

@@ -5,6 +5,9 @@
 # create pods with spec.nodeName set.
 #
 #   control-plane.sh binaries      build (first run) or find the binaries; prints their directory
+#   control-plane.sh node-binaries the above plus kubelet, kube-proxy, kube-controller-manager,
+#                                  kube-scheduler and kubectl (wrapper module node/) for the
+#                                  cluster tier (tests/cluster/); prints the same directory
 #   control-plane.sh certs DIR     CA, serving cert for 127.0.0.1, cluster-admin client cert,
 #                                  ServiceAccount signing key pair, all into DIR
 #   control-plane.sh up DIR        both of the above, then etcd + kube-apiserver in the
@@ -24,7 +27,7 @@ CACHE="${SPECULUM_CACHE:-$HOME/.cache/speculum}/k8s/$K8S_VERSION"
 
 log() { echo "control-plane: $*" >&2; }
 
-build_one() { # NAME MODULE_DIR PACKAGE [LDFLAGS]
+build_one() { # NAME MODULE_DIR PACKAGE [LDFLAGS] (env CGO_ENABLED passes through)
   local name="$1" dir="$2" pkg="$3" ldflags="${4:-}"
   [ -x "$CACHE/$name" ] && return 0
   command -v go >/dev/null || { log "go is needed to build $name"; exit 1; }
@@ -36,16 +39,42 @@ build_one() { # NAME MODULE_DIR PACKAGE [LDFLAGS]
   log "built $name in $((SECONDS - start)) s"
 }
 
+# Without these the binaries report v0.0.0-master at /version (clients, charts and the kubelet's
+# node status read it).
+version_ldflags() {
+  local v=k8s.io/component-base/version minor="${K8S_VERSION#v1.}"
+  echo "-X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=${minor%%.*} -X $v.gitTreeState=clean"
+}
+
+build_control_plane() {
+  build_one etcd "$HERE/etcd" go.etcd.io/etcd/server/v3
+  build_one kube-apiserver "$HERE/apiserver" k8s.io/kubernetes/cmd/kube-apiserver "$(version_ldflags)"
+}
+
 binaries() {
   mkdir -p "$CACHE"
   # Several test binaries may ask at once; one builds, the others wait for it.
   exec 9>"$CACHE/.lock"
   flock 9
-  build_one etcd "$HERE/etcd" go.etcd.io/etcd/server/v3
-  # Without these the server reports v0.0.0-master at /version (clients and charts read it).
-  local v=k8s.io/component-base/version minor="${K8S_VERSION#v1.}"
-  build_one kube-apiserver "$HERE/apiserver" k8s.io/kubernetes/cmd/kube-apiserver \
-    "-X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=${minor%%.*} -X $v.gitTreeState=clean"
+  build_control_plane
+  flock -u 9
+  echo "$CACHE"
+}
+
+# The cluster tier's node and controller binaries. Same pinned release, its own wrapper module
+# (node/: these commands pull in kubelet-only dependencies the apiserver module does not carry);
+# the shared dependencies are at the same versions, so Go's build cache serves them.
+node_binaries() {
+  mkdir -p "$CACHE"
+  exec 9>"$CACHE/.lock"
+  flock 9
+  build_control_plane
+  local cmd
+  for cmd in kube-scheduler kube-proxy kube-controller-manager kubelet; do
+    build_one "$cmd" "$HERE/node" "k8s.io/kubernetes/cmd/$cmd" "$(version_ldflags)"
+  done
+  # Static: the cluster tier also packs kubectl into an image (the chart's cleanup hook runs it).
+  CGO_ENABLED=0 build_one kubectl "$HERE/node" k8s.io/kubernetes/cmd/kubectl "$(version_ldflags)"
   flock -u 9
   echo "$CACHE"
 }
@@ -157,11 +186,12 @@ down() { # DIR
 
 case "${1:-}" in
 binaries) binaries ;;
+node-binaries) node_binaries ;;
 certs) certs "${2:?DIR}" ;;
 up) up "${2:?DIR}" ;;
 down) down "${2:?DIR}" ;;
 *)
-  echo "usage: $0 binaries | certs DIR | up DIR | down DIR" >&2
+  echo "usage: $0 binaries | node-binaries | certs DIR | up DIR | down DIR" >&2
   exit 2
   ;;
 esac

@@ -56,6 +56,10 @@ pub struct ResolverConfig {
     /// speculum daemon registry endpoints (`host:port`, plain HTTP) asked when a registry
     /// cannot be reached. Usually the node-local daemon service.
     pub cluster_endpoints: Vec<String>,
+    /// A bearer token for the cluster endpoints, re-read on every use (a projected
+    /// ServiceAccount token rotates): daemons with peer authentication (`tenancy.peer_auth`)
+    /// refuse anonymous requests on their peer port. Unset: ask anonymously.
+    pub cluster_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ResolverConfig {
@@ -66,6 +70,7 @@ impl Default for ResolverConfig {
             cache_capacity: 10_000,
             registries: HashMap::new(),
             cluster_endpoints: Vec::new(),
+            cluster_token_file: None,
         }
     }
 }
@@ -456,6 +461,7 @@ impl Resolver {
     /// Asks the daemons' mirror endpoints (`HEAD /v2/<repo>/manifests/<tag>?ns=<registry>`,
     /// what containerd sends them) in order; the first digest wins.
     async fn ask_cluster(&self, r: &ImageRef) -> Result<String, ResolveError> {
+        let (auth, identity) = self.cluster_auth(r)?;
         let mut last = None;
         for endpoint in &self.cfg.cluster_endpoints {
             let mut reference = Reference::with_tag(
@@ -464,11 +470,8 @@ impl Resolver {
                 r.tag().to_owned(),
             );
             reference.set_mirror_registry(endpoint.clone());
-            let client = self.client(endpoint, ANONYMOUS)?;
-            match client
-                .fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
-                .await
-            {
+            let client = self.client(endpoint, &identity)?;
+            match client.fetch_manifest_digest(&reference, &auth).await {
                 Ok(d) => return check_digest(endpoint, d),
                 Err(e) => last = Some(classify(r, e)),
             }
@@ -477,6 +480,26 @@ impl Resolver {
             registry: r.registry().to_owned(),
             message: "no cluster endpoint".into(),
         }))
+    }
+
+    /// How to ask the daemons: with the token of `cluster_token_file` (one client per token,
+    /// since a client keeps the first auth it saw), else anonymously.
+    fn cluster_auth(&self, r: &ImageRef) -> Result<(RegistryAuth, String), ResolveError> {
+        let Some(path) = &self.cfg.cluster_token_file else {
+            return Ok((RegistryAuth::Anonymous, ANONYMOUS.to_owned()));
+        };
+        let token = std::fs::read_to_string(path).map_err(|e| ResolveError::Unreachable {
+            registry: r.registry().to_owned(),
+            message: format!("cluster token {}: {e}", path.display()),
+        })?;
+        let token = token.trim().to_owned();
+        let identity = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            token.hash(&mut h);
+            format!("cluster-token:{:016x}", h.finish())
+        };
+        Ok((RegistryAuth::Bearer(token), identity))
     }
 
     fn client(&self, registry: &str, identity: &str) -> Result<Arc<Client>, ResolveError> {
