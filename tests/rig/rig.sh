@@ -587,9 +587,13 @@ start_speculum() {
 	[[ -f $(node_dir "$n")/speculum.yaml ]] || write_speculum_config "$n"
 	start_bg "n$n-speculum" "$(node_ns "$n")" "$(node_dir "$n")/speculum.log" \
 		"$SPECULUM_BIN" registry --config "$(node_dir "$n")/speculum.yaml"
+	local log
+	log=$(node_dir "$n")/speculum.log
+	# The log is overwritten by the next start (a later test reuses the rig): the reason goes
+	# into the error itself.
 	poll_until "$RIG_TIMEOUT" "speculum on node $n" speculum_ready_or_dead "$n" ||
-		die "speculum on node $n did not become ready; see $(node_dir "$n")/speculum.log"
-	is_running "n$n-speculum" || die "speculum on node $n exited; see $(node_dir "$n")/speculum.log"
+		die "speculum on node $n did not become ready; last log lines: $(tail -n 5 "$log")"
+	is_running "n$n-speculum" || die "speculum on node $n exited; last log lines: $(tail -n 5 "$log")"
 }
 
 # speculum_ready_or_dead N: ends the readiness poll early when the daemon has already exited.
