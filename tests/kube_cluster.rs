@@ -360,6 +360,11 @@ fn big_image(c: &Cluster, split: &mut Split) -> Result<()> {
         split.note(format!(
             "n{x} upstream, n{y} and n{z} from peers (n{z} with upstream stopped)"
         ));
+        let failed = failed_events(c, "apps", "big-")?;
+        ensure!(
+            failed.is_empty(),
+            "failed pulls of the big image: {failed:?}"
+        );
         Ok(())
     })();
     c.script(&["upstream-start"])?;
@@ -801,19 +806,10 @@ fn upgrade(c: &Cluster, split: &mut Split) -> Result<()> {
         after.iter().all(|u| !before.contains(u)),
         "not every daemon pod was replaced by the upgrade"
     );
-    let events = c.kubectl(&[
-        "get",
-        "events",
-        "-n",
-        "apps",
-        "--field-selector",
-        "reason=Failed",
-        "-o",
-        "name",
-    ])?;
+    let failed = failed_events(c, "apps", "roll-")?;
     ensure!(
-        events.trim().is_empty(),
-        "failed events during the roll: {events}"
+        failed.is_empty(),
+        "failed events during the roll: {failed:?}"
     );
     split.note(format!(
         "roll on {placed:?} while the DaemonSet rolled, no failed pull"
@@ -1044,6 +1040,30 @@ fn wait_replicas(
     })?;
     nodes.sort_unstable();
     Ok(nodes)
+}
+
+/// `Failed` events (failed pulls, …) of pods in `ns` whose name starts with `prefix`, as
+/// "pod: message".
+fn failed_events(c: &Cluster, ns: &str, prefix: &str) -> Result<Vec<String>> {
+    let events = c.kubectl_json(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        "reason=Failed",
+    ])?;
+    Ok(events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["involvedObject"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .map(|e| format!("{}: {}", e["involvedObject"]["name"], e["message"]))
+        .collect())
 }
 
 /// Waits until node `n`'s mirror finds a manifest by digest or tag (a holder advertised it in
