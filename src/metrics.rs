@@ -2,12 +2,13 @@
 //! root and handed to the parts that record into it, and the `/metrics` text encoder.
 //!
 //! Names follow `speculum_<subsystem>_<what>_<unit>`. Label values are small fixed sets
-//! (handler, kind, source, status class) so cardinality stays bounded whatever clients send.
+//! (handler, kind, source, status class) so cardinality stays bounded whatever clients send,
+//! and are written in Prometheus style: lower case, `snake_case` (`mirror`, `peer_inflight`).
 
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::encoding::EncodeLabelValue;
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -15,7 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Which listener handled a request.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Handler {
     /// The containerd-facing mirror endpoint.
     Mirror,
@@ -24,7 +25,7 @@ pub enum Handler {
 }
 
 /// Where the bytes of a response came from.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Source {
     /// This node's containerd content store.
     Local,
@@ -52,7 +53,7 @@ impl Source {
 }
 
 /// Outcome of a mirror request.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Outcome {
     /// Served from this node's store.
     Local,
@@ -61,6 +62,48 @@ pub enum Outcome {
     /// Nobody had it: 404, containerd goes upstream.
     Miss,
 }
+
+impl Handler {
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Handler::Mirror => "mirror",
+            Handler::Peer => "peer",
+        }
+    }
+}
+
+impl Source {
+    /// The metric label value (the audit's [`Source::as_str`] spells the last one with a dash).
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::PeerInflight => "peer_inflight",
+            other => other.as_str(),
+        }
+    }
+}
+
+impl Outcome {
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Local => "local",
+            Outcome::Peer => "peer",
+            Outcome::Miss => "miss",
+        }
+    }
+}
+
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.label())
+            }
+        }
+    )*};
+}
+label_value!(Handler, Source, Outcome);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {

@@ -285,7 +285,7 @@ async fn serves_local_content_with_registry_headers() {
     assert_eq!(
         metric(
             &node.metrics,
-            "speculum_served_bytes_total{handler=\"Mirror\",source=\"Local\"}"
+            "speculum_served_bytes_total{handler=\"mirror\",source=\"local\"}"
         ),
         (m.len() + layer.len() + 100) as f64
     );
@@ -445,7 +445,7 @@ async fn mirror_skips_bad_peers_until_a_good_one() {
     assert_eq!(
         metric(
             &node.metrics,
-            "speculum_served_bytes_total{handler=\"Mirror\",source=\"Peer\"}"
+            "speculum_served_bytes_total{handler=\"mirror\",source=\"peer\"}"
         ),
         content.len() as f64
     );
