@@ -317,6 +317,15 @@ fn healthy_node_is_ok_and_each_broken_part_fails_with_its_fix() -> Result<()> {
     rig.step("a healthy node: every check ok, exit 0");
     let healthy = doctor(&rig, NODE, &[], &[], &[])?;
     healthy.expect_healthy()?;
+    // containerd 1.6/1.7 and 2.4+ report their CRI settings; 2.0-2.3 do not, and doctor reads
+    // the node's containerd.toml instead. Either way the summary says where it looked.
+    let source = &healthy.by_id("containerd.config_path")?.summary;
+    ensure!(
+        source.contains("as containerd reports it")
+            || source.contains("containerd.toml (config version"),
+        "containerd.config_path names its source: {source}"
+    );
+    rig.step(&format!("containerd.config_path: {source}"));
     let text_run = {
         let mut cmd = rig.function(&[
             "node_exec",
@@ -489,7 +498,7 @@ fn healthy_node_is_ok_and_each_broken_part_fails_with_its_fix() -> Result<()> {
     run?.expect_fail(
         "containerd.content_store",
         "not readable",
-        "CAP_DAC_READ_SEARCH",
+        "run the daemon as uid 0",
     )?;
 
     rig.step("the policy bundle has a failing test");

@@ -67,7 +67,14 @@ pub async fn containerd(config: &Config, flags: &Flags) -> Vec<Finding> {
                 ),
                 Finding::skip("containerd.config_path", why),
                 Finding::skip("containerd.discard_layers", why),
-                content_store(cfg.content_dir.as_deref(), None, true),
+                match &cfg.content_dir {
+                    Some(dir) => content_store(Some(dir), None, true),
+                    None => Finding::skip(
+                        "containerd.content_store",
+                        "containerd is unreachable and containerd.content_dir is not set: the \
+                         content root is unknown",
+                    ),
+                },
             ];
         }
     };
@@ -308,9 +315,9 @@ pub fn content_store(configured: Option<&Path>, in_use: Option<&Path>, explicit:
 
 fn readable_fix(dir: &Path) -> String {
     format!(
-        "let the daemon's user read {} (containerd keeps it root-only: run the daemon as root \
-         with CAP_DAC_READ_SEARCH, as the chart does), or unset containerd.content_dir to \
-         stream through gRPC",
+        "containerd's files belong to root: run the daemon as uid 0 (the chart does, without \
+         capabilities: owner permissions suffice) and keep {} and the directories under it \
+         readable by their owner; or unset containerd.content_dir to stream through gRPC",
         dir.display()
     )
 }
@@ -611,7 +618,7 @@ pub fn judge_peers(
         String::new()
     };
     if peers >= 1.0 {
-        return Finding::ok(ID, format!("{peers} DHT peers connected{hint}"));
+        return Finding::ok(ID, format!("DHT peers connected: {peers}{hint}"));
     }
     let bootstrap = match (&routing.bootstrap.dns, routing.bootstrap.peers.is_empty()) {
         (Some(dns), _) => format!("routing.bootstrap.dns {dns}"),
@@ -651,7 +658,7 @@ pub fn private_network(routing: &KademliaConfig) -> Finding {
                 routing.listen
             ),
             "`speculum psk generate > swarm.key`, store it in a Secret, and set \
-             routing.psk_file on every node (chart: routing.psk; docs/routing.md)",
+             routing.psk_file on every node (chart: routing.psk.enabled; docs/routing.md)",
         ),
         Ok(Some(key)) => Finding::ok(
             ID,
@@ -1218,7 +1225,7 @@ mod tests {
     fn peers_table() {
         let routing = KademliaConfig::default();
         let cases = [
-            (Some(2.0), None, Status::Ok, "2 DHT peers"),
+            (Some(2.0), None, Status::Ok, "DHT peers connected: 2"),
             (Some(0.0), None, Status::Warn, "no DHT peer"),
             (
                 Some(0.0),
