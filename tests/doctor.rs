@@ -207,6 +207,9 @@ fn doctor(rig: &Rig, n: u32, args: &[&str], env: &[(&str, &str)], wrap: &[&str])
     argv.extend_from_slice(args);
     let mut cmd: Command = rig.function(&argv);
     rig.env(&mut cmd);
+    // Outside a pod and without a kubeconfig, clock.skew skips (the healthy run expects it).
+    cmd.env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -344,7 +347,9 @@ fn healthy_node_is_ok_and_each_broken_part_fails_with_its_fix() -> Result<()> {
                 .to_string(),
         ]);
         rig.env(&mut cmd);
-        cmd.output()?
+        cmd.env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()?
     };
     let text = String::from_utf8_lossy(&text_run.stdout);
     ensure!(
@@ -567,5 +572,113 @@ fn healthy_node_is_ok_and_each_broken_part_fails_with_its_fix() -> Result<()> {
 
     rig.step("everything put back: healthy again");
     doctor(&rig, NODE, &[], &[], &[])?.expect_healthy()?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// clock.skew against an API server whose clock is off (no rig needed).
+
+/// A fake API server on 127.0.0.1 that answers every request with `Date: now + offset`, until
+/// `served` requests were answered or 30 s passed.
+fn fake_api_server(
+    offset_secs: i64,
+    served: usize,
+) -> Result<(u16, std::thread::JoinHandle<usize>)> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let handle = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut n = 0;
+        while n < served && Instant::now() < deadline {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let _ = conn.set_nonblocking(false);
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let now = std::time::SystemTime::now();
+            let date = if offset_secs >= 0 {
+                now + Duration::from_secs(offset_secs as u64)
+            } else {
+                now - Duration::from_secs(offset_secs.unsigned_abs())
+            };
+            let body = r#"{"major":"1","minor":"33"}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nDate: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                httpdate::fmt_http_date(date),
+                body.len()
+            );
+            n += 1;
+        }
+        n
+    });
+    Ok((port, handle))
+}
+
+#[test]
+fn clock_skew_is_judged_from_the_api_servers_date() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases = [(0i64, "ok"), (-120, "fail"), (12, "warn")];
+    for (offset, want) in cases {
+        let (port, server) = fake_api_server(offset, 1)?;
+        let kubeconfig = dir.path().join(format!("kubeconfig-{port}"));
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
+            ),
+        )?;
+        // Everything else on this host is not a node: those checks fail or skip, this one is
+        // looked at alone.
+        let out = Command::new(env!("CARGO_BIN_EXE_speculum"))
+            .args(["doctor", "--output", "json", "--timeout", "3s"])
+            .args(["--containerd-socket", "/nonexistent/containerd.sock"])
+            .args(["--metrics-listen", "127.0.0.1:1"])
+            .args([
+                "--certs-dir",
+                &dir.path().join("certs.d").display().to_string(),
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("SPECULUM_CONFIG")
+            .output()?;
+        let raw = String::from_utf8_lossy(&out.stdout);
+        let report: Report = serde_json::from_str(raw.trim()).with_context(|| {
+            format!(
+                "no JSON report: {raw}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let f = report
+            .findings
+            .iter()
+            .find(|f| f.id == "clock.skew")
+            .context("no clock.skew finding")?;
+        ensure!(
+            f.status == want,
+            "API server {offset:+}s off: want clock.skew {want}, got {f:#?}"
+        );
+        if want == "fail" {
+            ensure!(
+                f.summary.contains("120s ahead of the API server's")
+                    && f.fix.contains("synchronise"),
+                "{f:#?}"
+            );
+        }
+        ensure!(
+            server
+                .join()
+                .map_err(|_| anyhow::anyhow!("server thread"))?
+                == 1,
+            "doctor never asked the API server"
+        );
+        // The rest of this host is no node: doctor must say so with exit 1, whatever the clock.
+        ensure!(out.status.code() == Some(1), "exit {:?}", out.status.code());
+    }
     Ok(())
 }

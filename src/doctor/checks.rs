@@ -999,27 +999,34 @@ pub fn judge_skew(server: SystemTime, sent: SystemTime, received: SystemTime) ->
     }
 }
 
-/// `clock.skew`: the `Date` of an HTTPS request to the API server (in-cluster config).
+/// `clock.skew`: the `Date` of a request to the API server: in a pod through the in-cluster
+/// config, elsewhere through `$KUBECONFIG` when it is set.
 pub async fn clock_skew(flags: &Flags) -> Finding {
     const ID: &str = "clock.skew";
-    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+    let config = if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        match kube::Config::incluster() {
+            Ok(c) => c,
+            Err(e) => {
+                return Finding::skip(
+                    ID,
+                    format!(
+                        "no in-cluster config ({e}): the daemon pod mounts a ServiceAccount \
+                         token only when tenancy is enabled"
+                    ),
+                );
+            }
+        }
+    } else if std::env::var_os("KUBECONFIG").is_some() {
+        match kube::Config::infer().await {
+            Ok(c) => c,
+            Err(e) => return Finding::skip(ID, format!("$KUBECONFIG does not load: {e}")),
+        }
+    } else {
         return Finding::skip(
             ID,
-            "not running in a pod (no KUBERNETES_SERVICE_HOST): compare `date -u` with a \
-             trusted clock by hand",
+            "not running in a pod (no KUBERNETES_SERVICE_HOST) and no KUBECONFIG: compare \
+             `date -u` with a trusted clock by hand",
         );
-    }
-    let config = match kube::Config::incluster() {
-        Ok(c) => c,
-        Err(e) => {
-            return Finding::skip(
-                ID,
-                format!(
-                    "no in-cluster config ({e}): the daemon pod mounts a ServiceAccount token \
-                     only when tenancy is enabled"
-                ),
-            );
-        }
     };
     let client = match kube::Client::try_from(config) {
         Ok(c) => c,
