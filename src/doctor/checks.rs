@@ -1164,6 +1164,43 @@ mod tests {
     }
 
     #[test]
+    fn config_file_fills_in_what_containerd_does_not_say() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\n  discard_unpacked_layers = true\n",
+        )
+        .expect("write");
+        let silent = NodeFacts {
+            version: "v2.3.7".into(),
+            ..NodeFacts::default()
+        };
+        let (got, source, settings) = effective_facts(silent.clone(), &file);
+        assert_eq!(source, Source::File(file.clone()));
+        // Unset on 2.x: the default list, which names the default certs.d.
+        assert_eq!(
+            got.registry_config_path.as_deref(),
+            Some(containerd_config::DEFAULT_CONFIG_PATH_2X)
+        );
+        assert_eq!(got.discard_unpacked_layers, Some(true));
+        assert_eq!(
+            judge_discard(&got, &source, settings.as_ref()).status,
+            Status::Fail
+        );
+        let (got, source, _) = effective_facts(silent.clone(), &tmp.path().join("missing"));
+        assert!(
+            matches!(source, Source::Unknown(ref why) if why.contains("not readable")),
+            "{source:?}"
+        );
+        assert_eq!(got, silent);
+        // What containerd says wins over the file.
+        let said = facts("v2.4.2", Some("/x"), Some(false));
+        let (got, source, _) = effective_facts(said.clone(), &file);
+        assert_eq!((got, source), (said, Source::Containerd));
+    }
+
+    #[test]
     fn discard_table() {
         let cases = [
             (Some(true), Status::Fail),
