@@ -516,11 +516,20 @@ pub fn cleanup(cfg: &HostsConfig) -> Result<Report, HostsError> {
     Ok(report)
 }
 
-fn configure_one(
-    registry: &MirroredRegistry,
-    cfg: &HostsConfig,
-    report: &mut Report,
-) -> Result<(), HostsError> {
+/// What [`configure`] would find and write for one registry, decided before anything is
+/// touched. Read-only: [`inspect`] and `speculum doctor` use it too.
+struct Plan {
+    dir: PathBuf,
+    file: PathBuf,
+    backup: PathBuf,
+    current: Found,
+    take_backup: bool,
+    want: String,
+    mode: u32,
+    up_to_date: bool,
+}
+
+fn plan(registry: &MirroredRegistry, cfg: &HostsConfig) -> Result<Plan, HostsError> {
     let dir = cfg.certs_dir.join(&registry.dir);
     let file = dir.join(HOSTS_FILE);
     let backup = backup_path(&dir, cfg);
@@ -561,6 +570,57 @@ fn configure_one(
         Found::Ours(bytes) => bytes == want.as_bytes() && mode_of(&file)? == mode,
         _ => false,
     };
+    Ok(Plan {
+        dir,
+        file,
+        backup,
+        current,
+        take_backup,
+        want,
+        mode,
+        up_to_date,
+    })
+}
+
+/// The state of one registry's `hosts.toml` compared with what [`configure`] would write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileState {
+    /// No file: containerd goes straight to the registry.
+    Missing,
+    /// A file without our [`MARKER`]: `configure` has not run, or someone replaced ours.
+    Theirs,
+    /// Ours, but not what `configure` writes now (config changed, or edited by hand).
+    Stale,
+    /// Ours and current, byte for byte and mode.
+    Current,
+}
+
+/// Compares `registry`'s `hosts.toml` with what [`configure`] would write, changing nothing.
+pub fn inspect(registry: &MirroredRegistry, cfg: &HostsConfig) -> Result<FileState, HostsError> {
+    let plan = plan(registry, cfg)?;
+    Ok(match (&plan.current, plan.up_to_date) {
+        (_, true) => FileState::Current,
+        (Found::Missing, _) => FileState::Missing,
+        (Found::Theirs(_), _) => FileState::Theirs,
+        (Found::Ours(_), false) => FileState::Stale,
+    })
+}
+
+fn configure_one(
+    registry: &MirroredRegistry,
+    cfg: &HostsConfig,
+    report: &mut Report,
+) -> Result<(), HostsError> {
+    let Plan {
+        dir,
+        file,
+        backup,
+        current,
+        take_backup,
+        want,
+        mode,
+        up_to_date,
+    } = plan(registry, cfg)?;
 
     if dir.is_dir() {
         remove_stale(&dir, report)?;

@@ -21,12 +21,14 @@
 //! - [`metrics`]: the daemon's own Prometheus registry (no globals).
 //! - [`tenancy`]: multi-tenant protection: node pod index, peer authentication (grants: the
 //!   `speculum-grant` crate).
+//! - [`doctor`]: `speculum doctor`, one command that checks a node end to end and says the fix.
 //! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.
 
 pub mod app;
 pub mod audit;
 pub mod cache;
 pub mod config;
+pub mod doctor;
 pub mod hosts;
 pub mod metrics;
 pub mod oci;

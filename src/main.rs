@@ -7,6 +7,7 @@
 //!   tests, or print its decision for one input (regorus, as the daemon evaluates it).
 //! - `speculum audit FILE…`: filter and summarise audit logs.
 //! - `speculum psk generate`: print a new private-network key file (`routing.psk_file`).
+//! - `speculum doctor`: check this node end to end, each finding with its fix (`speculum::doctor`).
 //!
 //! The global allocator is jemalloc (feature `jemalloc`, on by default) with background
 //! purging threads: after a burst (1,000 concurrent 1 MiB bodies) glibc malloc kept ~70 MiB of
@@ -54,6 +55,14 @@ enum Command {
     /// The DHT's private-network pre-shared key (routing.psk_file).
     #[command(subcommand)]
     Psk(PskCommand),
+    /// Check this node: containerd, hosts.toml, the daemon, DHT, peers, policy, keys, clock
+    /// (docs/doctor.md). Exit 1 when a check fails.
+    Doctor {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        doctor: speculum::doctor::Flags,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,9 +276,11 @@ fn init_logging(cfg: &config::LogConfig) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match &cli.command {
-        Command::Registry(a) | Command::Configure(a) | Command::Cleanup(a) | Command::Config(a) => {
-            a
-        }
+        Command::Registry(a)
+        | Command::Configure(a)
+        | Command::Cleanup(a)
+        | Command::Config(a)
+        | Command::Doctor { config: a, .. } => a,
         Command::Policy(cmd) => return policy_command(cmd),
         Command::Audit(a) => return audit_command(a),
         Command::Psk(PskCommand::Generate) => return psk_generate(),
@@ -294,6 +305,7 @@ fn main() -> ExitCode {
         },
         // Handled above.
         Command::Policy(_) | Command::Audit(_) | Command::Psk(_) => ExitCode::SUCCESS,
+        Command::Doctor { doctor, .. } => speculum::doctor::main(&config, &doctor),
         Command::Configure(_) => report(speculum::hosts::configure(&config.hosts)),
         Command::Cleanup(_) => report(speculum::hosts::cleanup(&config.hosts)),
         Command::Registry(_) => {

@@ -119,17 +119,9 @@ impl Finding {
     /// One sentence for the log and `/readyz`, naming the config key to change for the
     /// node's config version (2: containerd 1.x, 3: 2.x).
     pub fn message(&self, config_version: u32, certs_dir: &Path) -> String {
-        let (registry, discard) = if config_version >= 3 {
-            (
-                r#"[plugins."io.containerd.cri.v1.images".registry] config_path"#,
-                r#"[plugins."io.containerd.cri.v1.images"] discard_unpacked_layers"#,
-            )
-        } else {
-            (
-                r#"[plugins."io.containerd.grpc.v1.cri".registry] config_path"#,
-                r#"[plugins."io.containerd.grpc.v1.cri".containerd] discard_unpacked_layers"#,
-            )
-        };
+        let keys = CriKeys::of(config_version);
+        let registry = format!("[{}] config_path", keys.registry_table);
+        let discard = format!("[{}] discard_unpacked_layers", keys.discard_table);
         let certs = certs_dir.display();
         match self {
             Finding::HostsDirNotSet => format!(
@@ -154,6 +146,32 @@ impl Finding {
                  (slower); mount it at the same path or set containerd.content_dir",
                 root.display()
             ),
+        }
+    }
+}
+
+/// Where the two CRI settings live in containerd's config file, per config version
+/// (2: containerd 1.x, 3: 2.x; 2.x still reads a version 2 file and migrates it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CriKeys {
+    /// The table holding `config_path`.
+    pub registry_table: &'static str,
+    /// The table holding `discard_unpacked_layers`.
+    pub discard_table: &'static str,
+}
+
+impl CriKeys {
+    pub fn of(config_version: u32) -> CriKeys {
+        if config_version >= 3 {
+            CriKeys {
+                registry_table: r#"plugins."io.containerd.cri.v1.images".registry"#,
+                discard_table: r#"plugins."io.containerd.cri.v1.images""#,
+            }
+        } else {
+            CriKeys {
+                registry_table: r#"plugins."io.containerd.grpc.v1.cri".registry"#,
+                discard_table: r#"plugins."io.containerd.grpc.v1.cri".containerd"#,
+            }
         }
     }
 }
