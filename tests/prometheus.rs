@@ -62,6 +62,34 @@ const MAY_BE_ZERO: [&str; 6] = [
     "DHT lookup p99",
 ];
 
+/// Label values a panel must show after the pulls (panel title, label, values): the split
+/// the panel exists for, not just any series.
+const WANT_LABELS: [(&str, &str, &[&str]); 6] = [
+    ("Mirror requests by outcome", "outcome", &["miss", "peer"]),
+    ("Bytes served by source", "source", &["local", "peer"]),
+    ("HTTP request p99", "handler", &["mirror", "peer"]),
+    ("Connected peers per node", "job", &["speculum"]),
+    ("Webhook admissions p99", "kind", &["Pod"]),
+    ("Webhook images by decision", "decision", &["pinned"]),
+];
+
+/// Whether `samples` carry every value `WANT_LABELS` asks of panel `title`, each with a
+/// finite non-zero value.
+fn shows_wanted_labels(title: &str, samples: &[Sample]) -> bool {
+    WANT_LABELS
+        .iter()
+        .filter(|(t, _, _)| *t == title)
+        .all(|(_, label, values)| {
+            values.iter().all(|want| {
+                samples.iter().any(|(labels, v)| {
+                    labels.get(*label).map(String::as_str) == Some(*want)
+                        && v.is_finite()
+                        && *v != 0.0
+                })
+            })
+        })
+}
+
 /// Bytes a daemon's mirror endpoint sent to its containerd that came from another node.
 const PEER_BYTES: Series = Series {
     name: "speculum_served_bytes_total",
@@ -159,6 +187,52 @@ fn family(name: &str) -> &str {
         }
     }
     name
+}
+
+/// Metric names of a text exposition: `# TYPE` families and sample names.
+fn exposition_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| match l.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split_whitespace().next(),
+            None if l.starts_with('#') => None,
+            None => l.split(['{', ' ']).next(),
+        })
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every metric family the binaries register: `registry.register("name", …)` in `src/` (prefix
+/// `speculum_`) and `webhook/src/` (prefix `speculum_webhook_`).
+fn registered_names() -> Result<BTreeSet<String>> {
+    fn scan(dir: &Path, prefix: &str, out: &mut BTreeSet<String>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                scan(&path, prefix, out)?;
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path)?;
+                for (i, _) in text.match_indices(".register(") {
+                    let rest = &text[i + ".register(".len()..];
+                    let lit = rest.trim_start();
+                    if let Some(body) = lit.strip_prefix('"')
+                        && let Some(end) = body.find('"')
+                    {
+                        out.insert(format!("{prefix}{}", &body[..end]));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeSet::new();
+    scan(&repo().join("src"), "speculum_", &mut out)?;
+    scan(&repo().join("webhook/src"), "speculum_webhook_", &mut out)?;
+    ensure!(
+        out.contains("speculum_ready") && out.contains("speculum_webhook_images"),
+        "the source scan found {out:?}"
+    );
+    Ok(out)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -957,15 +1031,11 @@ fn dashboard_and_alerts_evaluate_on_prometheus_scraping_the_rig() -> Result<()> 
         let outcome = prom.wait(&panel.title, |p| {
             last = p.query(&panel.expr)?;
             Ok(!last.is_empty()
-                && (!must_move || last.iter().any(|(_, v)| v.is_finite() && *v != 0.0)))
+                && (!must_move || last.iter().any(|(_, v)| v.is_finite() && *v != 0.0))
+                && shows_wanted_labels(&panel.title, &last))
         });
         match outcome {
-            Ok(()) => eprintln!(
-                "panel {:?}: {} series, e.g. {:?}",
-                panel.title,
-                last.len(),
-                last.first()
-            ),
+            Ok(()) => eprintln!("panel {:?}: {last:?}", panel.title),
             Err(e) => empty.push(format!(
                 "{:?} ({}): {e:#}; last result {last:?}",
                 panel.title, panel.expr
@@ -984,24 +1054,42 @@ fn dashboard_and_alerts_evaluate_on_prometheus_scraping_the_rig() -> Result<()> 
         panels.len()
     ));
 
-    // Every metric a panel reads is exposed by a target (a typo would otherwise hide behind
-    // `or on() vector(0)`).
-    let metadata = prom.get("/api/v1/metadata", &[])?;
-    let exposed: BTreeSet<&str> = metadata
-        .as_object()
-        .context("metadata")?
-        .keys()
-        .map(String::as_str)
-        .collect();
-    let missing: Vec<String> = panels
+    // Every metric a panel reads is one a target exposes (a typo would otherwise hide behind
+    // `or on() vector(0)`): the families of every target's exposition, read from Prometheus'
+    // namespace (Prometheus' metadata API leaves out families without samples, such as a
+    // failure counter before the first failure).
+    let mut exposed = BTreeSet::new();
+    let pages: Vec<String> = targets
         .iter()
-        .flat_map(|p| metric_names(&p.expr))
-        .filter(|m| !exposed.contains(m.as_str()) && !exposed.contains(family(m)))
+        .map(|t| format!("http://{t}{}", daemon_scrape.path))
+        .chain([format!("http://{WEBHOOK_METRICS}{METRICS_PATH}")])
         .collect();
+    for page in &pages {
+        let text = ns_curl(&rig, &ns, &["-f", page])?;
+        exposed.extend(exposition_names(&text));
+    }
+    // A labelled family is exposed only once it has a child (prometheus-client, like the Go
+    // client, leaves empty families out): those must at least be registered in the source.
+    let registered = registered_names()?;
+    let mut unseen = BTreeSet::new();
+    let mut missing = Vec::new();
+    for m in panels.iter().flat_map(|p| metric_names(&p.expr)) {
+        if exposed.contains(m.as_str()) || exposed.contains(family(&m)) {
+            continue;
+        }
+        if registered.contains(family(&m)) {
+            unseen.insert(m);
+        } else {
+            missing.push(m);
+        }
+    }
     ensure!(
         missing.is_empty(),
-        "panels read metrics no target exposes: {missing:?}"
+        "panels read metrics no target exposes and no source registers: {missing:?}"
     );
+    rig.step(&format!(
+        "every panel metric is exposed by a target, or registered and without samples yet: {unseen:?}"
+    ));
 
     // The alert rules: loaded, evaluated without error, silent on this healthy rig.
     let alerts = alert_names(&read_yaml(&rules_file())?);
@@ -1057,7 +1145,7 @@ fn dashboard_and_alerts_evaluate_on_prometheus_scraping_the_rig() -> Result<()> 
     Ok(())
 }
 
-/// The metric-name scan the metadata check relies on.
+/// The metric-name scans the exposure check relies on.
 #[test]
 fn metric_names_are_found_in_expressions() {
     let cases: [(&str, &str, &[&str]); 4] = [
@@ -1085,4 +1173,63 @@ fn metric_names_are_found_in_expressions() {
     assert_eq!(family("speculum_a_total"), "speculum_a");
     assert_eq!(family("speculum_x_seconds_bucket"), "speculum_x_seconds");
     assert_eq!(family("speculum_routing_peers"), "speculum_routing_peers");
+    let page = "# HELP speculum_f Failures.\n# TYPE speculum_f counter\n\
+                # HELP speculum_r Ready.\n# TYPE speculum_r gauge\nspeculum_r 1\n\
+                speculum_h_bucket{le=\"+Inf\"} 3\n# EOF\n";
+    let got: Vec<String> = exposition_names(page).into_iter().collect();
+    assert_eq!(got, ["speculum_f", "speculum_h_bucket", "speculum_r"]);
+}
+
+/// The panel titles this file singles out are panels of the dashboard (a renamed panel would
+/// otherwise drop out of the checks silently).
+#[test]
+fn singled_out_panels_exist() -> Result<()> {
+    let titles: BTreeSet<String> = panels()?.into_iter().map(|p| p.title).collect();
+    for title in MAY_BE_ZERO
+        .iter()
+        .chain(WANT_LABELS.iter().map(|(t, _, _)| t))
+    {
+        ensure!(titles.contains(*title), "no panel {title:?} in {titles:?}");
+    }
+    Ok(())
+}
+
+/// Every `speculum_*` metric the dashboard and the alert rules read is one the binaries
+/// register (a typo or a renamed metric fails here, without root or Prometheus).
+#[test]
+fn dashboard_and_rules_read_registered_metrics() -> Result<()> {
+    let registered = registered_names()?;
+    let rules = std::fs::read_to_string(rules_file())?;
+    let exprs: Vec<String> = panels()?
+        .into_iter()
+        .map(|p| p.expr)
+        .chain(
+            read_yaml(&rules_file())?["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|g| {
+                    g["rules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r["expr"].as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                }),
+        )
+        .collect();
+    ensure!(
+        exprs.len() > 10 && rules.contains("groups"),
+        "too few expressions: {exprs:?}"
+    );
+    let unknown: BTreeSet<String> = exprs
+        .iter()
+        .flat_map(|e| metric_names(e))
+        .filter(|m| !registered.contains(family(m)))
+        .collect();
+    ensure!(
+        unknown.is_empty(),
+        "the dashboard or the rules read metrics nothing registers: {unknown:?}"
+    );
+    Ok(())
 }
