@@ -199,6 +199,7 @@ prometheus-rules: setup
 
 ## prometheus-test: tests/prometheus.rs: promtool, the ServiceMonitors against the binaries'
 ## ports, and real Prometheus scraping the namespace rig (every dashboard panel returns data,
-## every alert rule evaluates). Root; about 2 minutes once built.
+## every alert rule evaluates). Root; about 35 s once built (a fresh RIG_DIR first builds the
+## rig's CRI client and test images: minutes).
 prometheus-test: build
 	cargo test --test prometheus -- --nocapture
