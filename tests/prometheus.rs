@@ -16,6 +16,9 @@
 //!   pulls that go peer to peer, the webhook answering a real AdmissionReview, and Debian's
 //!   `prometheus` running **inside the upstream namespace**, scraping every daemon and the
 //!   webhook; queried with `ip netns exec <ns> curl`, never from the host namespace.
+//! - `dashboard_and_rules_read_registered_metrics`, `singled_out_panels_exist`: without tools,
+//!   every metric the dashboard and the rules read is registered by a binary, and the panel
+//!   titles this file singles out exist.
 //!
 //! Tools: `prometheus` and `promtool` (Debian's `prometheus` package, `scripts/setup.sh`), helm.
 //! Missing tools skip with a message, except under `CI=true`. The rig test needs root and skips
