@@ -188,3 +188,18 @@ cluster-down:
 cluster-test: build image k8s-node-binaries
 	SPECULUM_IMAGE_LAYOUT=$(IMAGE_DIR):$$(bash scripts/image.sh tag $(IMAGE_DIR)) \
 	  cargo test --test kube_cluster -- --nocapture
+
+# --- monitoring (issue 20; docs/observability.md) ---------------------------------------------------
+.PHONY: prometheus-rules prometheus-test
+
+## prometheus-rules: the alert rules through promtool (check + fixture tests); seconds, no root.
+prometheus-rules: setup
+	promtool check rules chart/files/alerts/speculum.rules.yaml
+	cd tests/prometheus && promtool test rules speculum.rules.test.yaml
+
+## prometheus-test: tests/prometheus.rs: promtool, the ServiceMonitors against the binaries'
+## ports, and real Prometheus scraping the namespace rig (every dashboard panel returns data,
+## every alert rule evaluates). Root; about 35 s once built (a fresh RIG_DIR first builds the
+## rig's CRI client and test images: minutes).
+prometheus-test: build
+	cargo test --test prometheus -- --nocapture
