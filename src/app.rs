@@ -20,7 +20,7 @@ use crate::cache::coalesce::Coalescer;
 use crate::config::Config;
 use crate::metrics::{Handler, Metrics};
 use crate::policy::reload as policy_reload;
-use crate::readiness::Readiness;
+use crate::readiness::{Part, Readiness};
 use crate::registry::listen::ServeOptions;
 use crate::registry::tags::TagResolver;
 use crate::registry::{self, Guard, Mirror, RegistryState, TenancyGuard};
@@ -41,7 +41,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let readiness = Readiness::new();
-    readiness.block("listeners", "binding");
+    readiness.block(Part::Listeners, "binding");
 
     // Bind first: a port conflict must fail the start before this node joins the cluster.
     let mirror_listener = bind(config.registry.mirror_listen, "registry.mirror_listen").await?;
@@ -191,7 +191,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
             http_shutdown,
         ),
     ];
-    readiness.release("listeners");
+    readiness.release(Part::Listeners);
     let health = tokio::spawn(health(
         containerd,
         config.hosts.certs_dir.clone(),
@@ -214,7 +214,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     }
 
     tracing::info!("shutdown: not ready, withdrawing advertisements");
-    readiness.block("shutdown", "shutting down");
+    readiness.block(Part::Shutdown, "shutting down");
     metrics.ready.set(0);
     health.abort();
     policy_stop.fire();
@@ -327,13 +327,13 @@ async fn health(
             metrics.peers_unreachable.inc_by(unreachable - seen);
         }
         if router.ready() {
-            readiness.release("routing");
+            readiness.release(Part::Routing);
         } else {
-            readiness.block("routing", "listener not bound yet");
+            readiness.block(Part::Routing, "listener not bound yet");
         }
         match containerd.ping().await {
             Ok(()) => {
-                readiness.release("containerd");
+                readiness.release(Part::Containerd);
                 if !inspected {
                     inspected = check_containerd_config(
                         &containerd,
@@ -346,7 +346,7 @@ async fn health(
                 }
             }
             Err(e) => {
-                readiness.block("containerd", format!("unreachable: {e}"));
+                readiness.block(Part::Containerd, format!("unreachable: {e}"));
                 inspected = false;
             }
         }
@@ -411,7 +411,7 @@ async fn check_containerd_config(
         *last = Some(findings);
     }
     readiness.note(
-        "containerd-config",
+        Part::ContainerdConfig,
         (!messages.is_empty()).then(|| messages.join("; ")),
     );
     true

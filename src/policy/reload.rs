@@ -20,7 +20,7 @@ use super::{Gate, PolicyConfig, PolicyMetrics, StaticPolicy};
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 
-const READINESS_PART: &str = "policy";
+const READINESS_PART: crate::readiness::Part = crate::readiness::Part::Policy;
 
 /// Builds the gate for `config`: the built-in policy when no bundle is configured, else the
 /// bundle (tested and compiled), else — broken at start — deny-all. Also returns the

@@ -97,7 +97,7 @@ pub struct Advertiser {
     early: BTreeMap<String, tokio::time::Instant>,
 }
 
-const READINESS_PART: &str = "store";
+const READINESS_PART: crate::readiness::Part = crate::readiness::Part::Store;
 
 /// How long a blob advertised from its content event stays advertised without an image
 /// naming it: longer than any pull takes to end (a pull of many large layers on a slow link).
