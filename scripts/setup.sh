@@ -23,6 +23,7 @@ APT_PACKAGES=(
   gcc libc6-dev               # the pause image: a tiny static C program
   umoci             # tests/image.rs: unpacks (and so validates) the image layout for the chroot runs
   buildah           # tests/image.rs: builds the Dockerfile's final stage without a Docker daemon
+  chromium chromium-driver # tests/status_page.rs: the node status page in a real headless browser
 )
 # Go ≥ 1.26 builds the rig's CRI client (Debian's golang-go is too old; the machine's Go is used).
 # The same Go builds the Kubernetes E2E tier's kube-apiserver and etcd from pinned wrapper modules

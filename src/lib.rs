@@ -21,6 +21,7 @@
 //! - [`metrics`]: the daemon's own Prometheus registry (no globals).
 //! - [`tenancy`]: multi-tenant protection: node pod index, peer authentication (grants: the
 //!   `speculum-grant` crate).
+//! - [`status`]: the node status page on the metrics listener (read-only, off by default).
 //! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.
 
 pub mod app;
@@ -35,5 +36,6 @@ pub mod readiness;
 pub mod registry;
 pub mod routing;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod tenancy;
