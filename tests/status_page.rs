@@ -55,8 +55,12 @@ enum Output<'a> {
 /// Runs headless Chromium on `url`, prefixed by `prefix` (e.g. `ip netns exec NS`), with a
 /// virtual time budget so the page's first polls have answered before the DOM is taken.
 /// Everything that is not loopback goes to a dead proxy: the browser reaches nothing else.
-fn browse(prefix: &[&str], url: &str, output: Output<'_>, profile: &Path) -> Result<String> {
+fn browse(prefix: &[&str], url: &str, output: Output<'_>) -> Result<String> {
     let bin = chromium().context("no chromium")?;
+    // A fresh profile per run: a second browser on a profile in use would hand its URL to the
+    // first one and wait.
+    let dir = tempfile::tempdir()?;
+    let profile = dir.path();
     let mut cmd = match prefix.split_first() {
         Some((program, args)) => {
             let mut c = Command::new(program);
@@ -92,23 +96,27 @@ fn browse(prefix: &[&str], url: &str, output: Output<'_>, profile: &Path) -> Res
             cmd.arg(format!("--screenshot={}", path.display()));
         }
     }
+    // Files, not pipes: a DOM of hundreds of rows outgrows a pipe's buffer, and `wait_child`
+    // does not read while it waits.
+    let stdout = profile.join("stdout");
+    let stderr = profile.join("stderr");
     cmd.arg(url)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(std::fs::File::create(&stdout)?)
+        .stderr(std::fs::File::create(&stderr)?);
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let out = wait_child(child, BROWSER_WAIT).context("chromium")?;
+    let said = std::fs::read_to_string(&stderr).unwrap_or_default();
     ensure!(
         out.status.success(),
         "chromium failed ({}): {}",
         out.status,
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
+        said.lines()
             .filter(|l| !l.contains("dbus"))
             .collect::<Vec<_>>()
             .join("\n")
     );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(std::fs::read_to_string(&stdout)?)
 }
 
 /// The `<tr class="request" …>` rows of the dumped DOM, each as its whole markup.
@@ -186,13 +194,7 @@ fn hostile_names_render_as_text() -> Result<()> {
         let _ = axum::serve(listener, app).await;
     });
 
-    let profile = tempfile::tempdir()?;
-    let dom = browse(
-        &[],
-        &format!("http://{addr}/status"),
-        Output::Dom,
-        profile.path(),
-    )?;
+    let dom = browse(&[], &format!("http://{addr}/status"), Output::Dom)?;
     let rows = request_rows(&dom);
     ensure!(rows.len() == 3, "want 3 rows, got {}:\n{dom}", rows.len());
     // Injected markup would be elements in the DOM; as text it is serialised escaped.
@@ -319,10 +321,9 @@ fn the_page_follows_a_pull_under_load() -> Result<()> {
     );
     let prefix = ["ip", "netns", "exec", ns.as_str()];
     let url = "http://127.0.0.1:9402/status";
-    let profile = tempfile::tempdir()?;
 
     rig.step("chromium in node 2's namespace: the pulled layers in the table");
-    let dom = browse(&prefix, url, Output::Dom, profile.path())?;
+    let dom = browse(&prefix, url, Output::Dom)?;
     let _ = std::fs::write(out_dir().join("pull.html"), &dom);
     check_layers(&dom, small, "peer").context("after the pull")?;
     ensure!(
@@ -330,6 +331,8 @@ fn the_page_follows_a_pull_under_load() -> Result<()> {
         "the page never received a snapshot"
     );
     ensure!(dom.contains(">ready<"), "node 2 not shown ready");
+    let after_pull = out_dir().join("status-after-pull.png");
+    browse(&prefix, url, Output::Screenshot(&after_pull))?;
 
     rig.step("again while a concurrent request loop runs on node 2");
     let stop = out_dir().join("load.stop");
@@ -344,9 +347,9 @@ fn the_page_follows_a_pull_under_load() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let t_load = Instant::now();
-    let dom = browse(&prefix, url, Output::Dom, profile.path());
+    let dom = browse(&prefix, url, Output::Dom);
     let shot = out_dir().join("status-under-load.png");
-    let screenshot = browse(&prefix, url, Output::Screenshot(&shot), profile.path());
+    let screenshot = browse(&prefix, url, Output::Screenshot(&shot));
     let browse_time = t_load.elapsed();
     let during = seen(&rig)?;
     let _ = std::fs::write(&stop, "");
@@ -381,12 +384,7 @@ fn the_page_follows_a_pull_under_load() -> Result<()> {
 
     rig.step("node 1's page shows node 2's daemon as the requester");
     let ns1 = ns.replace("n2", "n1");
-    let dom1 = browse(
-        &["ip", "netns", "exec", ns1.as_str()],
-        url,
-        Output::Dom,
-        profile.path(),
-    )?;
+    let dom1 = browse(&["ip", "netns", "exec", ns1.as_str()], url, Output::Dom)?;
     let _ = std::fs::write(out_dir().join("node1.html"), &dom1);
     ensure!(
         request_rows(&dom1)

@@ -45,7 +45,7 @@
       tr.setAttribute("data-served-from", r.served_from);
       tr.setAttribute("data-kind", r.kind);
       tr.setAttribute("data-bytes", String(r.bytes));
-      cell(tr, shortTime(r.time), "mono");
+      cell(tr, shortTime(r.time), "mono time");
       cell(tr, r.source + (r.requester ? " (" + r.requester + ")" : ""), "source");
       cell(tr, r.registry + "/" + r.repository, "mono image");
       cell(tr, r.reference, "mono reference");
