@@ -231,7 +231,8 @@ speculum_bogus NaN
 ";
         let g = Gauges(text.to_owned());
         // (name, labels, want)
-        let cases: [(&str, &[(&str, &str)], u64); 6] = [
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u64);
+        let cases: [Case; 6] = [
             ("speculum_served_bytes_total", &[], 357),
             (
                 "speculum_served_bytes_total",

@@ -20,6 +20,12 @@
     return (u === 0 ? String(v) : v.toFixed(1)) + " " + units[u];
   }
 
+  // Peer ids are 52 characters: the cell shows the ends, the tooltip the whole id.
+  function short(id) {
+    const s = String(id);
+    return s.length > 20 ? s.slice(0, 8) + "…" + s.slice(-6) : s;
+  }
+
   function cell(tr, value, cls) {
     const td = document.createElement("td");
     td.textContent = value === null || value === undefined ? "" : String(value);
@@ -46,13 +52,14 @@
       tr.setAttribute("data-kind", r.kind);
       tr.setAttribute("data-bytes", String(r.bytes));
       cell(tr, shortTime(r.time), "mono time");
-      cell(tr, r.source + (r.requester ? " (" + r.requester + ")" : ""), "source");
+      cell(tr, r.source + (r.requester ? " (" + short(r.requester) + ")" : ""), "source");
       cell(tr, r.registry + "/" + r.repository, "mono image");
       cell(tr, r.reference, "mono reference");
       cell(tr, r.method + " " + r.kind, "kind");
       const d = cell(tr, r.decision, "decision " + (r.decision === "allow" ? "allow" : "deny"));
       if (r.reason) { d.title = r.reason; }
-      cell(tr, r.served_from + (r.peer ? " (" + r.peer + ")" : ""), "served-from");
+      const from = cell(tr, r.served_from + (r.peer ? " (" + short(r.peer) + ")" : ""), "served-from");
+      if (r.peer) { from.title = r.peer; }
       cell(tr, r.status, "num status");
       const b = cell(tr, bytes(r.bytes), "num bytes");
       b.title = String(r.bytes) + " bytes";
