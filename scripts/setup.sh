@@ -24,6 +24,7 @@ APT_PACKAGES=(
   umoci             # tests/image.rs: unpacks (and so validates) the image layout for the chroot runs
   buildah           # tests/image.rs: builds the Dockerfile's final stage without a Docker daemon
   prometheus        # tests/prometheus.rs: real Prometheus scrapes the rig; promtool checks chart/files/alerts
+  chromium chromium-driver # tests/status_page.rs: the node status page in a real headless browser
 )
 # Go ≥ 1.26 builds the rig's CRI client (Debian's golang-go is too old; the machine's Go is used).
 # The same Go builds the Kubernetes E2E tier's kube-apiserver and etcd from pinned wrapper modules

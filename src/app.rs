@@ -14,6 +14,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::audit::recent::{RecentRequests, Tee};
 use crate::audit::{AuditSink, JsonlSink};
 use crate::cache::Cache;
 use crate::cache::coalesce::Coalescer;
@@ -28,6 +29,7 @@ use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
 use crate::routing::sync::Advertiser;
 use crate::shutdown::{self, Shutdown};
+use crate::status;
 use crate::store::Store;
 use crate::store::containerd::ContainerdStore;
 use crate::store::introspect::{self, Finding};
@@ -53,9 +55,21 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     // written is worse than a daemon that says so).
     let (gate, bundle_fingerprint) =
         policy_reload::initial(&config.policy, metrics.policy.clone(), &readiness);
-    let audit: Arc<dyn AuditSink> = Arc::new(
+    let trail: Arc<dyn AuditSink> = Arc::new(
         JsonlSink::start(&config.audit, metrics.audit.clone()).context("starting the audit log")?,
     );
+    // The status page's recent requests: a bounded ring fed beside the trail (only when on).
+    let recent = config
+        .status
+        .enabled
+        .then(|| RecentRequests::new(config.status.recent));
+    let audit: Arc<dyn AuditSink> = match &recent {
+        Some(ring) => Arc::new(Tee {
+            first: trail,
+            second: Arc::new(ring.clone()),
+        }),
+        None => trail,
+    };
     // Tenancy before anything serves: a private object is never served before the pod index,
     // the grant keys and the peer verifier are in place. A bad key file fails the start.
     let (tenancy_stop, tenancy_shutdown) = shutdown::channel();
@@ -186,7 +200,14 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         ),
         serve(
             metrics_listener,
-            metrics_app(metrics.clone(), readiness.clone()),
+            match recent {
+                Some(ring) => {
+                    metrics_app(metrics.clone(), readiness.clone()).merge(status::router(
+                        status_sources(&config, &router, &gate, &metrics, &readiness, ring),
+                    ))
+                }
+                None => metrics_app(metrics.clone(), readiness.clone()),
+            },
             serve_options,
             http_shutdown,
         ),
@@ -298,6 +319,35 @@ pub fn metrics_app(metrics: Metrics, readiness: Readiness) -> axum::Router {
             }),
         )
         .route("/livez", get(|| async { "ok\n" }))
+}
+
+/// What the status page (`src/status/`) reads: numbers from the metrics registry, the policy's
+/// description (never its contents), and the recent-requests ring.
+fn status_sources(
+    config: &Config,
+    router: &KademliaRouter,
+    gate: &crate::policy::Gate,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    recent: RecentRequests,
+) -> status::StatusSources {
+    let metrics = metrics.clone();
+    let gate = gate.clone();
+    status::StatusSources {
+        node: config.node.name.clone(),
+        peer_id: router.peer_id().to_string(),
+        listen_addrs: router
+            .listen_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        cache_enabled: config.cache.enabled,
+        cache_max_bytes: config.cache.max_bytes,
+        metrics: Arc::new(move || metrics.encode()),
+        policy: Arc::new(move || crate::policy::Policy::describe(gate.active().as_ref())),
+        readiness: readiness.clone(),
+        recent,
+    }
 }
 
 /// Refreshes the peers gauge and the routing and containerd parts of readiness.

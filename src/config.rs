@@ -19,6 +19,7 @@ use crate::policy::PolicyConfig;
 use crate::registry::MirrorConfig;
 use crate::routing::kademlia::KademliaConfig;
 use crate::routing::sync::SyncConfig;
+use crate::status::StatusConfig;
 use crate::store::containerd::ContainerdConfig;
 use crate::tenancy::TenancyConfig;
 
@@ -41,6 +42,8 @@ pub struct Config {
     pub tenancy: TenancyConfig,
     /// The own blob cache, upstream fetches and coalescing (`docs/cache.md`).
     pub cache: CacheConfig,
+    /// The node status page on the metrics listener (`docs/status-page.md`; off by default).
+    pub status: StatusConfig,
     pub log: LogConfig,
 }
 
@@ -243,6 +246,7 @@ impl Config {
             "audit" => self.audit = v(value)?,
             "tenancy" => self.tenancy = v(value)?,
             "cache" => self.cache = v(value)?,
+            "status" => self.status = v(value)?,
             "log" => self.log = v(value)?,
             other => {
                 return Err(serde::de::Error::custom(format!(
@@ -264,6 +268,7 @@ impl Config {
         errors.extend(self.policy.validate());
         errors.extend(self.audit.validate());
         errors.extend(self.tenancy.validate());
+        errors.extend(self.status.validate());
         if self.cache.enabled {
             errors.extend(self.cache.validate());
         }

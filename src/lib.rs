@@ -32,6 +32,7 @@
 //! | | [`metrics`] | the Prometheus registry (no globals), one struct per subsystem |
 //! | | [`app`] | the composition root: builds the seams, runs the tasks, readiness and shutdown |
 //! | | [`doctor`] | `speculum doctor`: checks a node end to end (containerd, hosts.toml, daemon, DHT, peers, policy, keys, clock), each finding with its fix |
+//! | | [`status`] | the node status page (off by default, on the metrics listener): peers, advertised keys, cache, policy in force, the last requests |
 //! | binary | `src/cli/` | subcommands, the shortcut flags (`cli/flags.rs`), logging (`cli/telemetry.rs`), signals (`cli/daemon.rs`) |
 //!
 //! # The path of one pull
@@ -84,5 +85,6 @@ pub mod readiness;
 pub mod registry;
 pub mod routing;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod tenancy;

@@ -131,6 +131,7 @@ features that are switched off are left out entirely.
   "hosts" (dict "certs_dir" .Values.containerd.certsDir "mirrored_registries" $d.mirroredRegistries "mirror_endpoint" (printf "http://127.0.0.1:%d" (int $d.ports.mirror)) "dial_timeout" $d.hostsDialTimeout "prepend_existing" $d.prependExisting)
   "policy" (dict "bundle" (ternary $p.policy "" (ne .Values.policy.bundle "")) "resolve_tags" .Values.policy.resolveTags "resolve_latest_tag" .Values.policy.resolveLatestTag "eval_timeout" .Values.policy.evalTimeout "reload_interval" .Values.policy.reloadInterval)
   "audit" $audit
+  "status" (dict "enabled" $d.statusPage.enabled "recent" (int $d.statusPage.recentRequests))
   "log" (dict "format" $d.log.format "level" $d.log.level)
 }}
 {{- if .Values.tenancy.enabled }}

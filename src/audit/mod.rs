@@ -10,6 +10,7 @@
 pub mod jsonl;
 pub mod memory;
 pub mod reader;
+pub mod recent;
 
 use std::path::PathBuf;
 

@@ -564,6 +564,15 @@ write_speculum_config() {
 			  plain_http: ["$(upstream_host)"]
 		EOF
 	fi
+	# RIG_STATUS="1 2" (node numbers) or "all": the node status page on the metrics listener
+	# (docs/status-page.md), keeping the last RIG_STATUS_RECENT requests.
+	if [[ ${RIG_STATUS:-} == all || " ${RIG_STATUS:-} " == *" $n "* ]]; then
+		cat >>"$d/speculum.yaml" <<-EOF
+			status:
+			  enabled: true
+			  recent: ${RIG_STATUS_RECENT:-500}
+		EOF
+	fi
 }
 
 require_speculum() { [[ -x $SPECULUM_BIN ]] || die "no daemon binary at $SPECULUM_BIN (cargo build first, or set SPECULUM_BIN)"; }
