@@ -14,25 +14,26 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::advertise::Advertiser;
 use crate::audit::{AuditSink, JsonlSink};
 use crate::cache::Cache;
 use crate::cache::coalesce::Coalescer;
 use crate::config::Config;
-use crate::metrics::{Handler, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::reload as policy_reload;
 use crate::readiness::Readiness;
 use crate::registry::listen::ServeOptions;
 use crate::registry::tags::TagResolver;
-use crate::registry::{self, Guard, Mirror, RegistryState, TenancyGuard};
+use crate::registry::{self, Guard, Handler, Mirror, RegistryState, TenancyGuard};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
-use crate::routing::sync::Advertiser;
 use crate::shutdown::{self, Shutdown};
 use crate::store::Store;
 use crate::store::containerd::ContainerdStore;
 use crate::store::introspect::{self, Finding};
 use crate::tenancy::Tenancy;
 use crate::tenancy::grants::{GrantChecker, GrantKeys};
+use crate::wire::PeerClient;
 
 /// How often health gauges (peers, containerd reachability, routing readiness) refresh.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -115,7 +116,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         config.mirror.tag_resolution,
         config.mirror.tag_upstream_timeout,
         plain_http,
-        metrics.clone(),
+        metrics.registry.clone(),
     )
     .context("building the upstream HTTP client for tags")?
     .only_for(config.hosts.mirrored_dirs());
@@ -123,9 +124,16 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         tag_resolution = config.mirror.tag_resolution.as_str(),
         "tag resolution"
     );
-    let mirror = Mirror::new(router_dyn.clone(), config.mirror.clone(), metrics.clone())
-        .context("building the peer HTTP client")?
-        .with_tags(tags);
+    // The one daemon→daemon client, shared by the mirror and the coalescer.
+    let peer_client = PeerClient::new(config.mirror.connect_timeout, config.mirror.read_timeout)
+        .context("building the peer HTTP client")?;
+    let mirror = Mirror::with_client(
+        router_dyn.clone(),
+        config.mirror.clone(),
+        metrics.registry.clone(),
+        peer_client.clone(),
+    )
+    .with_tags(tags);
     let coalescer = if config.cache.enabled {
         let cache = Cache::open(&config.cache.dir, config.cache.max_bytes)
             .context("opening the blob cache")?;
@@ -135,6 +143,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
                 router_dyn.clone(),
                 config.cache.clone(),
                 metrics.cache.clone(),
+                peer_client.clone(),
             )
             .context("building the upstream HTTP client")?,
         )
@@ -145,7 +154,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         store: store.clone(),
         mirror,
         cache: coalescer.clone(),
-        metrics: metrics.clone(),
+        metrics: metrics.registry.clone(),
         readiness: readiness.clone(),
         handler,
     };
@@ -155,7 +164,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         store.clone(),
         router_dyn.clone(),
         config.sync.clone(),
-        metrics.clone(),
+        metrics.routing.clone(),
         readiness.clone(),
     )
     .with_advert_filter({
@@ -215,7 +224,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
 
     tracing::info!("shutdown: not ready, withdrawing advertisements");
     readiness.block("shutdown", "shutting down");
-    metrics.ready.set(0);
+    metrics.set_ready(false);
     health.abort();
     policy_stop.fire();
     policy_task.abort();
@@ -314,18 +323,11 @@ async fn health(
     let mut last_findings: Option<Vec<Finding>> = None;
     loop {
         tick.tick().await;
-        metrics.peers.set(router.peer_count() as i64);
-        // The router counts; the metric follows (both only ever grow).
-        let failures = router.handshake_failures();
-        let seen = metrics.handshake_failures.get();
-        if failures > seen {
-            metrics.handshake_failures.inc_by(failures - seen);
-        }
-        let unreachable = router.declared_unreachable();
-        let seen = metrics.peers_unreachable.get();
-        if unreachable > seen {
-            metrics.peers_unreachable.inc_by(unreachable - seen);
-        }
+        metrics.routing.peers(router.peer_count());
+        // The router counts; the metrics follow (both only ever grow).
+        metrics
+            .routing
+            .router_totals(router.handshake_failures(), router.declared_unreachable());
         if router.ready() {
             readiness.release("routing");
         } else {
@@ -350,7 +352,7 @@ async fn health(
                 inspected = false;
             }
         }
-        metrics.ready.set(i64::from(readiness.is_ready()));
+        metrics.set_ready(readiness.is_ready());
     }
 }
 
@@ -381,10 +383,7 @@ async fn check_containerd_config(
     let version = facts.config_version();
     for label in Finding::LABELS {
         let on = findings.iter().any(|f| f.label() == label);
-        metrics
-            .containerd_problems
-            .get_or_create(&crate::metrics::ContainerdProblemLabels { problem: label })
-            .set(i64::from(on));
+        metrics.containerd_problem(label, on);
     }
     let messages: Vec<String> = findings
         .iter()

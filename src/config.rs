@@ -12,13 +12,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::advertise::SyncConfig;
 use crate::audit::AuditConfig;
 use crate::cache::CacheConfig;
 use crate::hosts::HostsConfig;
 use crate::policy::PolicyConfig;
 use crate::registry::MirrorConfig;
 use crate::routing::kademlia::KademliaConfig;
-use crate::routing::sync::SyncConfig;
 use crate::store::containerd::ContainerdConfig;
 use crate::tenancy::TenancyConfig;
 

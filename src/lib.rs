@@ -7,8 +7,11 @@
 //! # Layout
 //! - [`oci`]: pure types (digests, references, `/v2/` paths, ranges, media types, error codes).
 //! - [`store`]: the `Store` seam, read-only access to the node's content (containerd, memory).
-//! - [`routing`]: the `Router` seam, who holds what (libp2p Kademlia, memory) and [`routing::sync`],
-//!   which keeps the advertised keys in step with the store.
+//! - [`routing`]: the `Router` seam, who holds what (libp2p Kademlia, memory).
+//! - [`advertise`]: keeps the advertised keys in step with the store (and the blob cache),
+//!   filtered by the policy (config section `sync:`).
+//! - [`wire`]: bytes between daemons: hop and digest headers, body streams, resumable
+//!   streams, the one daemon→daemon HTTP client.
 //! - [`registry`]: the HTTP side: the containerd-facing mirror endpoint, the peer endpoint, and
 //!   the one place where errors become OCI error responses.
 //! - [`policy`]: the `Policy` seam, Rego bundles (regorus) deciding what may be served peer
@@ -23,6 +26,7 @@
 //!   `speculum-grant` crate).
 //! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.
 
+pub mod advertise;
 pub mod app;
 pub mod audit;
 pub mod cache;
@@ -37,3 +41,4 @@ pub mod routing;
 pub mod shutdown;
 pub mod store;
 pub mod tenancy;
+pub mod wire;

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use speculum::metrics::{Handler, Metrics};
 use speculum::oci::path::{parse_ns, valid_name, valid_tag};
 use speculum::oci::{ByteRange, Digest};
 use speculum::readiness::Readiness;
+use speculum::registry::Handler;
 use speculum::registry::listen::ServeOptions;
 use speculum::registry::{self, Mirror, MirrorConfig, RegistryState, listen};
 use speculum::routing::Peer;
@@ -225,7 +225,7 @@ async fn start(options: ServeOptions) -> Rig {
         inner,
         calls: Mutex::new(Vec::new()),
     });
-    let metrics = Metrics::new();
+    let metrics = speculum::registry::RegistryMetrics::default();
     // No peers hold anything: every lookup that gets through misses and answers 404.
     let mirror = Mirror::new(
         Arc::new(MemoryRouter::with_static(

@@ -10,12 +10,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use speculum::metrics::{
-    BytesLabels, ContainerdProblemLabels, Handler, Metrics, MirrorLabels, Outcome,
-    PeerFailureLabels, RequestLabels, Source, TagLabels,
-};
+use std::time::Duration;
+
+use speculum::metrics::Metrics;
 use speculum::policy::conformance::input;
 use speculum::policy::{Gate, StaticPolicy, Switches};
+use speculum::registry::{Handler, Outcome, Source};
 
 /// `(family, type, label names)`: the whole public metric surface of the daemon.
 const FAMILIES: &[(&str, &str, &[&str])] = &[
@@ -69,37 +69,18 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
 /// Records one sample in every labelled family, through the daemon's own recording paths
 /// where they are public.
 fn exercise(m: &Metrics) {
-    let labels = RequestLabels {
-        handler: Handler::Mirror,
-        kind: "blob",
-        method: "GET",
-        status: 200,
-    };
-    m.requests.get_or_create(&labels).inc();
-    m.request_duration.get_or_create(&labels).observe(0.001);
-    m.mirror
-        .get_or_create(&MirrorLabels {
-            kind: "blob",
-            outcome: Outcome::Miss,
-        })
-        .inc();
-    m.bytes
-        .get_or_create(&BytesLabels {
-            handler: Handler::Peer,
-            source: Source::PeerInflight,
-        })
-        .inc();
-    m.peer_failures
-        .get_or_create(&PeerFailureLabels { reason: "connect" })
-        .inc();
-    m.tag_resolutions
-        .get_or_create(&TagLabels { source: "upstream" })
-        .inc();
-    m.containerd_problems
-        .get_or_create(&ContainerdProblemLabels {
-            problem: "hosts_dir_unknown",
-        })
-        .set(1);
+    m.registry.request(
+        Handler::Mirror,
+        "blob",
+        "GET",
+        200,
+        Duration::from_millis(1),
+    );
+    m.registry.mirror_outcome("blob", Outcome::Miss);
+    m.registry.bytes(Handler::Peer, Source::PeerInflight).inc();
+    m.registry.peer_failed("connect");
+    m.registry.tag_resolved("upstream");
+    m.containerd_problem("hosts_dir_unknown", true);
     // Policy: one decision, one failed evaluation, one reload.
     let gate = Gate::new(
         Arc::new(StaticPolicy::default()),
@@ -156,12 +137,17 @@ fn every_family_is_pinned() {
         }
     }
     let mut labels: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (name, names) = sample(line).expect("sample line");
         let family = family_of(&name, &types)
             .unwrap_or_else(|| panic!("sample {name} belongs to no family"))
             .to_owned();
-        let seen = labels.entry(family.clone()).or_insert_with(|| names.clone());
+        let seen = labels
+            .entry(family.clone())
+            .or_insert_with(|| names.clone());
         assert_eq!(*seen, names, "{family}: label names differ between samples");
     }
 

@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use speculum::metrics::{Handler, Metrics};
+use speculum::metrics::Metrics;
 use speculum::oci::Digest;
 use speculum::readiness::Readiness;
+use speculum::registry::Handler;
 use speculum::registry::{self, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
@@ -48,7 +49,7 @@ async fn good_peer(store: Arc<MemoryStore>) -> SocketAddr {
         store,
         mirror: None,
         cache: None,
-        metrics: Metrics::new(),
+        metrics: Default::default(),
         readiness: Readiness::new(),
         handler: Handler::Peer,
     }))
@@ -135,12 +136,12 @@ async fn mirror_node(peers: HashMap<String, Vec<Peer>>, config: MirrorConfig) ->
 async fn mirror_node_on(router: MemoryRouter, config: MirrorConfig) -> Node {
     let store = Arc::new(MemoryStore::new());
     let metrics = Metrics::new();
-    let mirror = Mirror::new(Arc::new(router), config, metrics.clone()).expect("client");
+    let mirror = Mirror::new(Arc::new(router), config, metrics.registry.clone()).expect("client");
     let addr = spawn(registry::app(RegistryState {
         store: store.clone(),
         mirror: Some(Arc::new(mirror)),
         cache: None,
-        metrics: metrics.clone(),
+        metrics: metrics.registry.clone(),
         readiness: Readiness::new(),
         handler: Handler::Mirror,
     }))
@@ -708,7 +709,7 @@ mod guarded {
         peers: Option<HashMap<String, Vec<Peer>>>,
         guard: Guard,
     ) -> SocketAddr {
-        let metrics = Metrics::new();
+        let metrics = speculum::registry::RegistryMetrics::default();
         let (mirror, handler) = match peers {
             Some(p) => (
                 Some(Arc::new(

@@ -18,9 +18,10 @@ use common::containerd::Containerd;
 use sha2::{Digest as _, Sha256};
 use speculum::audit::AuditRecord;
 use speculum::audit::memory::MemorySink;
-use speculum::metrics::{Handler, Metrics};
+use speculum::metrics::Metrics;
 use speculum::policy::Gate;
 use speculum::readiness::Readiness;
+use speculum::registry::Handler;
 use speculum::registry::listen::{self, ServeOptions};
 use speculum::registry::{self, Guard, RegistryState, TenancyGuard};
 use speculum::store::containerd::{ContainerdConfig, ContainerdStore};
@@ -141,7 +142,7 @@ async fn server(f: &Fixture, options: ServeOptions) -> Server {
             store: Arc::new(store),
             mirror: None,
             cache: None,
-            metrics: metrics.clone(),
+            metrics: metrics.registry.clone(),
             readiness: Readiness::new(),
             handler: Handler::Peer,
         },
@@ -330,7 +331,7 @@ async fn record(audit: &MemorySink, digest: &str, status: u16) -> AuditRecord {
 }
 
 fn sendfile_bytes(s: &Server) -> u64 {
-    s.metrics.sendfile_bytes.get()
+    s.metrics.registry.sendfile_bytes().get()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use speculum::audit::{AuditRecord, MemorySink};
-use speculum::metrics::{Handler, Metrics};
 use speculum::oci::Digest;
 use speculum::policy::{Decision, Gate, PolicyMetrics, StaticPolicy, Switches};
 use speculum::readiness::Readiness;
+use speculum::registry::Handler;
 use speculum::registry::{self, Guard, Mirror, MirrorConfig, RegistryState, TenancyGuard};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
@@ -118,7 +118,7 @@ impl World {
                 store,
                 mirror: None,
                 cache: None,
-                metrics: Metrics::new(),
+                metrics: Default::default(),
                 readiness: Readiness::new(),
                 handler: Handler::Peer,
             },
@@ -151,7 +151,7 @@ impl World {
                 )
             })
             .collect();
-        let metrics = Metrics::new();
+        let metrics = speculum::registry::RegistryMetrics::default();
         let config = MirrorConfig {
             resolve_timeout: Duration::from_millis(200),
             ..MirrorConfig::default()

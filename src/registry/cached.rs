@@ -8,11 +8,12 @@ use axum::body::Body;
 use axum::response::Response;
 use http::{StatusCode, header};
 
-use super::serve::{AccessLog, Counted, DOCKER_CONTENT_DIGEST};
+use super::metrics::Source;
+use super::serve::{AccessLog, Counted};
 use super::{PullRequest, RegistryError, RegistryState};
 use crate::cache::coalesce::{Body as CachedBody, Origin};
-use crate::metrics::Source;
 use crate::oci::{Digest, Kind, media};
+use crate::wire::DOCKER_CONTENT_DIGEST;
 
 /// A blob from this node's cache. `Ok(None)` when the cache is off or lacks it.
 pub async fn from_cache(

@@ -10,7 +10,8 @@
 //! looked up); [`serve`] writes successful responses; [`error`] is the only place errors
 //! become responses; [`listen`] serves an app on a socket, with our header limits, and
 //! [`http1`] writes `GET`/`HEAD` responses itself so blob bodies can go out with `sendfile(2)`;
-//! [`resume`] continues a peer's blob stream elsewhere when it breaks.
+//! `crate::wire::resume` continues a peer's blob stream elsewhere when it breaks;
+//! [`metrics`] holds the families the listeners record into.
 //! Every request is counted and audited once, with the bytes really sent.
 //!
 //! Before anything is looked up, the policy [`Guard`] decides (source `local` on the mirror
@@ -23,8 +24,8 @@ pub mod cached;
 pub mod error;
 pub mod http1;
 pub mod listen;
+pub mod metrics;
 pub mod mirror;
-pub mod resume;
 pub mod serve;
 pub mod tags;
 
@@ -38,8 +39,8 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+pub use self::metrics::{Handler, Outcome, RegistryMetrics, Source};
 use crate::audit::{AuditSink, NullSink};
-use crate::metrics::{Handler, Metrics, MirrorLabels, Outcome, RequestLabels};
 use crate::oci::path::{PathError, parse_ns, parse_v2_path};
 use crate::oci::range::parse_range;
 use crate::oci::{Digest, Kind, Reference, Target, V2Path};
@@ -53,9 +54,7 @@ use crate::tenancy::{GRANT_HEADER, MAX_GRANTS_PER_REQUEST};
 pub use error::RegistryError;
 pub use mirror::{Mirror, MirrorConfig};
 
-/// Sent on every request from one daemon to another. A mirror endpoint that receives it
-/// serves from its own store only (loop prevention, in addition to the separate peer port).
-pub const HOP_HEADER: &str = "x-speculum-hop";
+pub use crate::wire::HOP_HEADER;
 
 /// A parsed, validated pull request.
 #[derive(Debug, Clone)]
@@ -218,7 +217,7 @@ pub struct RegistryState {
     /// The blob cache (`cache.enabled`): served on both endpoints, complete or in flight;
     /// on the mirror endpoint also the coalesced cold path.
     pub cache: Option<crate::cache::coalesce::Coalescer>,
-    pub metrics: Metrics,
+    pub metrics: RegistryMetrics,
     pub readiness: Readiness,
     pub handler: Handler,
 }
@@ -380,26 +379,17 @@ async fn pull(
             }
         }
     };
-    let labels = RequestLabels {
-        handler: state.handler,
+    state.metrics.request(
+        state.handler,
         kind,
-        method: method_label,
-        status: response.status().as_u16(),
-    };
-    state.metrics.requests.get_or_create(&labels).inc();
-    state
-        .metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        method_label,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     if let Some(outcome) = outcome
         && state.handler == Handler::Mirror
     {
-        state
-            .metrics
-            .mirror
-            .get_or_create(&MirrorLabels { kind, outcome })
-            .inc();
+        state.metrics.mirror_outcome(kind, outcome);
     }
     response
 }

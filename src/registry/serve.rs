@@ -19,17 +19,16 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures::Stream;
 use futures::stream::BoxStream;
-use http::{HeaderValue, StatusCode, header};
+use http::{StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
 
+use super::metrics::{Handler, Source};
 use super::{Guard, PullRequest, RegistryError, RegistryState};
 use crate::audit::{AuditRecord, AuditSink};
-use crate::metrics::{BytesLabels, Handler, Source};
 use crate::oci::range::parse_range;
 use crate::oci::{Digest, Kind, media};
 use crate::store::ContentFile;
-
-pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+use crate::wire::DOCKER_CONTENT_DIGEST;
 
 /// One audit record per request, written once: when an error is answered, when a HEAD is
 /// answered, or when a body has been fully sent or dropped by the client (a client that
@@ -233,14 +232,7 @@ impl Counted {
 
 /// The bytes-served counter of this listener for `source`.
 fn bytes_counter(state: &RegistryState, source: Source) -> Counter {
-    state
-        .metrics
-        .bytes
-        .get_or_create(&BytesLabels {
-            handler: state.handler,
-            source,
-        })
-        .clone()
+    state.metrics.bytes(state.handler, source)
 }
 
 /// Response extension: the body's bytes as a region of an open content file, for a writer
@@ -457,17 +449,10 @@ fn file_body(
         offset: opened.offset,
         len: opened.len,
         counter: bytes_counter(state, Source::Local),
-        sendfile_counter: state.metrics.sendfile_bytes.clone(),
+        sendfile_counter: state.metrics.sendfile_bytes(),
         log: log.clone(),
         status,
         claimed: Arc::new(AtomicBool::new(false)),
     };
     Some((stream, file))
-}
-
-/// Header value helper for headers copied from a peer response.
-pub fn header_str(headers: &http::HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers
-        .get(name)
-        .and_then(|v: &HeaderValue| v.to_str().ok())
 }
