@@ -124,14 +124,14 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         tag_resolution = config.mirror.tag_resolution.as_str(),
         "tag resolution"
     );
-    // The one daemon→daemon client, shared by the mirror and the coalescer.
+    // The daemon→daemon client (`wire::peer_client`, `mirror.*` timeouts).
     let peer_client = PeerClient::new(config.mirror.connect_timeout, config.mirror.read_timeout)
         .context("building the peer HTTP client")?;
     let mirror = Mirror::with_client(
         router_dyn.clone(),
         config.mirror.clone(),
         metrics.registry.clone(),
-        peer_client.clone(),
+        peer_client,
     )
     .with_tags(tags);
     let coalescer = if config.cache.enabled {
@@ -143,7 +143,16 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
                 router_dyn.clone(),
                 config.cache.clone(),
                 metrics.cache.clone(),
-                peer_client.clone(),
+                // The same client definition; a follower reads a winner's growing file, which
+                // can pause as long as the winner's upstream may (`cache.upstream_read_timeout`).
+                PeerClient::new(
+                    config.mirror.connect_timeout,
+                    config
+                        .mirror
+                        .read_timeout
+                        .max(config.cache.upstream_read_timeout),
+                )
+                .context("building the peer HTTP client")?,
             )
             .context("building the upstream HTTP client")?,
         )
