@@ -22,11 +22,11 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::reload as policy_reload;
 use crate::readiness::Readiness;
-use crate::registry::listen::ServeOptions;
 use crate::registry::tags::TagResolver;
 use crate::registry::{self, Guard, Handler, Mirror, RegistryState, TenancyGuard};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
+use crate::server::{self, ServeOptions};
 use crate::shutdown::{self, Shutdown};
 use crate::store::Store;
 use crate::store::containerd::ContainerdStore;
@@ -285,12 +285,7 @@ fn serve(
     options: ServeOptions,
     shutdown: Shutdown,
 ) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(registry::listen::serve_with(
-        listener,
-        app,
-        options,
-        shutdown.wait(),
-    ))
+    tokio::spawn(server::serve(listener, app, options, shutdown.wait()))
 }
 
 /// `/metrics`, `/readyz` and `/livez` on the metrics listener.

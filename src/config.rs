@@ -68,7 +68,7 @@ pub struct RegistryConfig {
     /// Serve `GET`/`HEAD` with the daemon's own HTTP/1.1 writer, which sends blob bodies from
     /// containerd's content files with `sendfile(2)` (needs `containerd.content_dir`; without
     /// it bodies stream as before). `false`: hyper writes every response
-    /// (`src/registry/http1.rs`, BENCHMARKS.md §2).
+    /// (`src/server/http1.rs`, BENCHMARKS.md §2).
     pub sendfile: bool,
     /// With `sendfile`: a response whose bytes make no progress for this long is abandoned
     /// and its connection closed, so a client that stops reading cannot hold a task.
@@ -84,11 +84,12 @@ pub struct RegistryConfig {
 
 impl RegistryConfig {
     /// How the registry listeners serve their connections.
-    pub fn serve_options(&self) -> crate::registry::listen::ServeOptions {
-        crate::registry::listen::ServeOptions {
+    pub fn serve_options(&self) -> crate::server::ServeOptions {
+        crate::server::ServeOptions {
             sendfile: self.sendfile,
             write_stall: self.write_stall_timeout,
             idle: self.idle_timeout,
+            refuse: crate::registry::refusal,
         }
     }
 }
@@ -100,8 +101,8 @@ impl Default for RegistryConfig {
             peer_listen: ([0, 0, 0, 0], 5081).into(),
             drain_grace: Duration::from_secs(20),
             sendfile: true,
-            write_stall_timeout: crate::registry::listen::DEFAULT_WRITE_STALL,
-            idle_timeout: crate::registry::listen::DEFAULT_IDLE,
+            write_stall_timeout: crate::server::options::DEFAULT_WRITE_STALL,
+            idle_timeout: crate::server::options::DEFAULT_IDLE,
         }
     }
 }

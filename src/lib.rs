@@ -12,6 +12,8 @@
 //!   filtered by the policy (config section `sync:`).
 //! - [`wire`]: bytes between daemons: hop and digest headers, body streams, resumable
 //!   streams, the one daemon→daemon HTTP client.
+//! - [`server`]: the HTTP/1.1 transport that serves an axum app (accept, header limits, drain,
+//!   the `GET`/`HEAD` writer with `sendfile(2)`); knows nothing of the registry.
 //! - [`registry`]: the HTTP side: the containerd-facing mirror endpoint, the peer endpoint, and
 //!   the one place where errors become OCI error responses.
 //! - [`policy`]: the `Policy` seam, Rego bundles (regorus) deciding what may be served peer
@@ -38,6 +40,7 @@ pub mod policy;
 pub mod readiness;
 pub mod registry;
 pub mod routing;
+pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod tenancy;

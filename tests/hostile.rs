@@ -17,11 +17,11 @@ use futures::stream::BoxStream;
 use speculum::oci::path::{parse_ns, valid_name, valid_tag};
 use speculum::oci::{ByteRange, Digest};
 use speculum::readiness::Readiness;
-use speculum::registry::Handler;
-use speculum::registry::listen::ServeOptions;
-use speculum::registry::{self, Mirror, MirrorConfig, RegistryState, listen};
+use speculum::registry::{self, Handler, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
+use speculum::server::ServeOptions;
+use speculum::server::options as listen;
 use speculum::store::memory::MemoryStore;
 use speculum::store::{ContentStream, Descriptor, Image, Store, StoreError, StoreEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -246,7 +246,12 @@ async fn start(options: ServeOptions) -> Rig {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     // The daemon's own serving loop: its header limits are part of what is tested.
-    tokio::spawn(registry::listen::serve_with(
+    // Refusals get the registry's OCI body, as in the daemon (`RegistryConfig::serve_options`).
+    let options = ServeOptions {
+        refuse: registry::refusal,
+        ..options
+    };
+    tokio::spawn(speculum::server::serve(
         listener,
         app,
         options,

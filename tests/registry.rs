@@ -12,8 +12,7 @@ use std::time::Duration;
 use speculum::metrics::Metrics;
 use speculum::oci::Digest;
 use speculum::readiness::Readiness;
-use speculum::registry::Handler;
-use speculum::registry::{self, Mirror, MirrorConfig, RegistryState};
+use speculum::registry::{self, Handler, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
@@ -26,13 +25,13 @@ const REG: &str = "127.0.0.1:5000";
 async fn spawn(app: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    tokio::spawn(speculum::server::serve(
+        listener,
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
+    ));
     addr
 }
 

@@ -21,9 +21,8 @@ use speculum::audit::memory::MemorySink;
 use speculum::metrics::Metrics;
 use speculum::policy::Gate;
 use speculum::readiness::Readiness;
-use speculum::registry::Handler;
-use speculum::registry::listen::{self, ServeOptions};
-use speculum::registry::{self, Guard, RegistryState, TenancyGuard};
+use speculum::registry::{self, Guard, Handler, RegistryState, TenancyGuard};
+use speculum::server::{self as listen, ServeOptions};
 use speculum::store::containerd::{ContainerdConfig, ContainerdStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -156,7 +155,11 @@ async fn server(f: &Fixture, options: ServeOptions) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(listen::serve_with(listener, app, options, async {
+    let options = ServeOptions {
+        refuse: registry::refusal,
+        ..options
+    };
+    let task = tokio::spawn(listen::serve(listener, app, options, async {
         let _ = stopped.await;
     }));
     Server {

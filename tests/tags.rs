@@ -21,9 +21,8 @@ use speculum::policy::{
     Decision, Gate, PolicyMetrics, RegoPolicy, StaticPolicy, Switches, TagResolution,
 };
 use speculum::readiness::Readiness;
-use speculum::registry::Handler;
 use speculum::registry::tags::TagResolver;
-use speculum::registry::{self, Guard, Mirror, MirrorConfig, RegistryState};
+use speculum::registry::{self, Guard, Handler, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
@@ -36,13 +35,13 @@ const TIMEOUT: Duration = Duration::from_millis(400);
 async fn spawn(app: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    tokio::spawn(speculum::server::serve(
+        listener,
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
+    ));
     addr
 }
 

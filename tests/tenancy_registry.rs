@@ -12,8 +12,7 @@ use speculum::audit::{AuditRecord, MemorySink};
 use speculum::oci::Digest;
 use speculum::policy::{Decision, Gate, PolicyMetrics, StaticPolicy, Switches};
 use speculum::readiness::Readiness;
-use speculum::registry::Handler;
-use speculum::registry::{self, Guard, Mirror, MirrorConfig, RegistryState, TenancyGuard};
+use speculum::registry::{self, Guard, Handler, Mirror, MirrorConfig, RegistryState, TenancyGuard};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
@@ -30,13 +29,13 @@ const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-cluster";
 async fn spawn(app: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    tokio::spawn(speculum::server::serve(
+        listener,
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
+    ));
     addr
 }
 

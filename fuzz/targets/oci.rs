@@ -11,7 +11,7 @@ use speculum::oci::path::{parse_ns, parse_v2_path, valid_name};
 use speculum::oci::range::parse_range;
 use speculum::oci::{Digest, Reference};
 use speculum::registry::PullRequest;
-use speculum::registry::http1::{Classified, classify};
+use speculum::server::http1::{Classified, classify};
 
 /// `sha256:…` and `sha512:…`: accepted digests round-trip byte for byte (only the canonical
 /// form is accepted, so a URL and the store always name the same bytes).

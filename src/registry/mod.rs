@@ -8,9 +8,9 @@
 //!
 //! Requests are parsed into a [`PullRequest`] up front (bad input is a 4xx before anything is
 //! looked up); [`serve`] writes successful responses; [`error`] is the only place errors
-//! become responses; [`listen`] serves an app on a socket, with our header limits, and
-//! [`http1`] writes `GET`/`HEAD` responses itself so blob bodies can go out with `sendfile(2)`;
-//! `crate::wire::resume` continues a peer's blob stream elsewhere when it breaks;
+//! become responses (also the transport's refusals, [`refusal`]); the transport that serves
+//! the app (`crate::server`: header limits, our `GET`/`HEAD` writer with `sendfile(2)`) knows
+//! nothing of the registry; `crate::wire::resume` continues a peer's blob stream elsewhere when it breaks;
 //! [`metrics`] holds the families the listeners record into.
 //! Every request is counted and audited once, with the bytes really sent.
 //!
@@ -22,8 +22,6 @@
 
 pub mod cached;
 pub mod error;
-pub mod http1;
-pub mod listen;
 pub mod metrics;
 pub mod mirror;
 pub mod serve;
@@ -51,7 +49,7 @@ use crate::tenancy::grants::{GrantChecker, Presented, Refusal};
 use crate::tenancy::peer_auth::{PeerIdentity, PeerTokens, PeerVerifier};
 use crate::tenancy::pods::Pods;
 use crate::tenancy::{GRANT_HEADER, MAX_GRANTS_PER_REQUEST};
-pub use error::RegistryError;
+pub use error::{RegistryError, refusal};
 pub use mirror::{Mirror, MirrorConfig};
 
 pub use crate::wire::HOP_HEADER;
@@ -208,6 +206,16 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// How the registry's listeners are served by default: the transport's defaults, with every
+/// refusal answered with an OCI error body ([`refusal`]). Tests serve the app with these
+/// through `crate::server::serve`, the production transport.
+pub fn serve_options() -> crate::server::ServeOptions {
+    crate::server::ServeOptions {
+        refuse: refusal,
+        ..crate::server::ServeOptions::default()
+    }
+}
+
 /// What one listener needs to answer requests.
 #[derive(Clone)]
 pub struct RegistryState {
@@ -306,7 +314,7 @@ struct Served {
 
 /// The containerd-facing or peer-facing app (which one is decided by `state.mirror` and
 /// `state.handler`), with no policy (everything allowed) and no audit trail. Serve it with
-/// `into_make_service_with_connect_info::<SocketAddr>()`.
+/// `crate::server::serve` and [`serve_options`] (it needs `ConnectInfo<SocketAddr>`).
 pub fn app(state: RegistryState) -> HttpRouter {
     app_with(state, Guard::open())
 }

@@ -4,7 +4,7 @@
 //!
 //! When the store can hand out the content file ([`Store::open_file`](crate::store::Store)),
 //! the response carries it as a [`FileBody`] extension next to an ordinary body streaming the
-//! same bytes: the connection writer in [`super::http1`] sends the file with `sendfile(2)`,
+//! same bytes: the connection writer in [`crate::server::http1`] sends the file with `sendfile(2)`,
 //! any other writer (hyper) streams the body. Whichever runs counts the bytes and writes the
 //! one audit record.
 
@@ -27,6 +27,7 @@ use super::{Guard, PullRequest, RegistryError, RegistryState};
 use crate::audit::{AuditRecord, AuditSink};
 use crate::oci::range::parse_range;
 use crate::oci::{Digest, Kind, media};
+use crate::server::{FileBody, SendObserver};
 use crate::store::ContentFile;
 use crate::wire::DOCKER_CONTENT_DIGEST;
 
@@ -235,85 +236,24 @@ fn bytes_counter(state: &RegistryState, source: Source) -> Counter {
     state.metrics.bytes(state.handler, source)
 }
 
-/// Response extension: the body's bytes as a region of an open content file, for a writer
-/// that can send files (`sendfile(2)` in [`super::http1`]). The response's own body streams
-/// the same bytes, so a writer that ignores this extension sends the same response.
-///
-/// Claiming it ([`FileBody::claim`]) moves the accounting (bytes metric, audit record) from
-/// the body to the returned [`FileSend`].
-#[derive(Clone)]
-pub struct FileBody {
-    file: Arc<std::fs::File>,
-    offset: u64,
-    len: u64,
+/// What the registry hears from the transport's file sender ([`FileBody`]): bytes counted
+/// into the listener's `served_bytes` and `served_sendfile_bytes`, and the one audit record
+/// with the bytes really sent.
+struct LocalSend {
     counter: Counter,
     sendfile_counter: Counter,
     log: AccessLog,
     status: StatusCode,
-    claimed: Arc<AtomicBool>,
 }
 
-impl FileBody {
-    /// Bytes in the region (the response's body length).
-    pub fn len(&self) -> u64 {
-        self.len
+impl SendObserver for LocalSend {
+    fn sent(&self, n: u64) {
+        self.counter.inc_by(n);
+        self.sendfile_counter.inc_by(n);
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Takes over sending: from now on the body stream writes no record when dropped.
-    pub fn claim(self) -> FileSend {
-        self.claimed.store(true, Ordering::Release);
-        FileSend {
-            body: self,
-            sent: 0,
-        }
-    }
-}
-
-/// A file region being sent: counts what went out and writes the audit record when dropped
-/// (complete, failed or abandoned by the client alike), with the bytes actually sent.
-pub struct FileSend {
-    body: FileBody,
-    sent: u64,
-}
-
-impl FileSend {
-    pub fn file(&self) -> &std::fs::File {
-        &self.body.file
-    }
-
-    /// The file, for work on the blocking pool.
-    pub fn shared_file(&self) -> Arc<std::fs::File> {
-        self.body.file.clone()
-    }
-
-    /// The file offset of the next byte to send.
-    pub fn position(&self) -> u64 {
-        self.body.offset + self.sent
-    }
-
-    /// Bytes still to send.
-    pub fn remaining(&self) -> u64 {
-        self.body.len - self.sent
-    }
-
-    /// Records `n` more bytes as sent.
-    pub fn advance(&mut self, n: u64) {
-        let n = n.min(self.remaining());
-        self.sent += n;
-        self.body.counter.inc_by(n);
-        self.body.sendfile_counter.inc_by(n);
-    }
-}
-
-impl Drop for FileSend {
-    fn drop(&mut self) {
-        self.body
-            .log
-            .finish(self.body.status, self.sent, Source::Local.as_str());
+    fn done(&self, total: u64) {
+        self.log.finish(self.status, total, Source::Local.as_str());
     }
 }
 
@@ -406,11 +346,11 @@ pub async fn local(
         let body = Body::from_stream(Counted {
             inner: stream,
             sent: 0,
-            counter: file.counter.clone(),
+            counter: bytes_counter(state, Source::Local),
             log,
             status,
             source: Source::Local.as_str(),
-            claimed: Some(file.claimed.clone()),
+            claimed: Some(file.claimed()),
         });
         return Ok(builder.extension(file).body(body).ok());
     }
@@ -444,15 +384,17 @@ fn file_body(
     }
     .stream()
     .ok()?;
-    let file = FileBody {
-        file: Arc::new(opened.file),
-        offset: opened.offset,
-        len: opened.len,
+    let observer = LocalSend {
         counter: bytes_counter(state, Source::Local),
         sendfile_counter: state.metrics.sendfile_bytes(),
         log: log.clone(),
         status,
-        claimed: Arc::new(AtomicBool::new(false)),
     };
+    let file = FileBody::new(
+        Arc::new(opened.file),
+        opened.offset,
+        opened.len,
+        Arc::new(observer),
+    );
     Some((stream, file))
 }

@@ -65,9 +65,12 @@ async fn upstream_blob(State(up): State<Upstream>, uri: Uri, headers: HeaderMap)
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
-    let _ = axum::serve(
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    let _ = crate::server::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
     )
     .await;
 }
