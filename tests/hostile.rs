@@ -190,7 +190,7 @@ enum Want {
     /// This status with an OCI error body carrying this code.
     Oci(u16, &'static str),
     /// This status from hyper, before any of our code runs: no body is possible, because
-    /// hyper could not parse a request (see `registry::listen`; `sendfile` off only).
+    /// hyper could not parse a request (see `server::listen`; `sendfile` off only).
     Http(u16),
 }
 
@@ -552,7 +552,7 @@ fn cases(blob: &Digest, ours: bool) -> Vec<(&'static str, Vec<u8>, Want)> {
             Oci(431, "UNSUPPORTED"),
         ),
         // Beyond hyper's own limits: hyper answers before any request exists; with
-        // `registry.sendfile` on, our own parser (`registry::http1`) reads every GET head first
+        // `registry.sendfile` on, our own parser (`server::http1`) reads every GET head first
         // and refuses these with an OCI body too.
         (
             "header beyond hyper's buffer",

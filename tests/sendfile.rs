@@ -1,4 +1,4 @@
-//! Blob bodies sent with `sendfile(2)` (`registry::http1`) from a real containerd content
+//! Blob bodies sent with `sendfile(2)` (`server::http1`) from a real containerd content
 //! store, over real sockets on `127.0.0.1:0`: the bytes and headers are those of the streaming
 //! path (the same server with `sendfile` off), ranges and HEAD included; keep-alive and
 //! pipelining mix sendfile bodies with every other kind of response; a client that leaves or

@@ -148,7 +148,7 @@ pub fn pull_request(data: &[u8]) {
     }
 }
 
-/// The start of a connection (`registry::http1`, the GET/HEAD writer in front of hyper): never a
+/// The start of a connection (`server::http1`, the GET/HEAD writer in front of hyper): never a
 /// panic; a head it serves lies within the bytes, is found again in exactly those bytes (the
 /// bytes after it stay for the next request), and is only ever a GET or HEAD; a refusal is a
 /// 400 or 431.

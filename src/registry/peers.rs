@@ -1,4 +1,4 @@
-//! Fetching from peers when the local store misses: look up who holds the key, try up to
+//! The peers responder, one job: fetch from peers when the local store misses: look up who holds the key, try up to
 //! `attempts` peers, and stream the first good answer back. A blob stream that breaks is
 //! resumed from another peer with `Range`, so the client still receives one whole, correct
 //! body. Manifests are small: they are buffered, checked against their digest and bounded by
@@ -15,97 +15,20 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use http::{StatusCode, header};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::access_log::AccessLog;
+use super::body::{Counted, content_head};
+use super::config::MirrorConfig;
 use super::metrics::{RegistryMetrics, Source};
-use super::serve::{AccessLog, Counted};
 use super::tags::TagResolver;
 use super::{PullRequest, RegistryError, RegistryState};
 use crate::oci::range::parse_content_range;
 use crate::oci::{Digest, Kind, Target, media};
-use crate::policy::TagResolution;
 use crate::routing::{Peer, Router};
 use crate::wire::{
     ByteStream, DOCKER_CONTENT_DIGEST, PeerClient, Reopen, header_str, io_stream, resumable,
 };
-
-/// Settings of the peer mirror path (the `mirror:` config section).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MirrorConfig {
-    /// How long to wait for the lookup to find a first (and each further) peer of a
-    /// manifest: every pull starts with one, so a miss must go upstream at once.
-    #[serde(with = "humantime_serde")]
-    pub resolve_timeout: Duration,
-    /// The same wait for a blob. Longer, because the two mistakes cost differently: waiting
-    /// costs at most this once per layer, while giving up too early sends a whole layer
-    /// through the upstream link. A lookup that ends (nobody has it) answers at once either
-    /// way; only a slow walk (a busy node, many lookups at once) waits longer.
-    #[serde(with = "humantime_serde")]
-    pub blob_resolve_timeout: Duration,
-    /// How many peers to try for one request (also the resume budget of a blob stream).
-    pub attempts: usize,
-    /// Overall time limit for fetching a manifest from peers.
-    #[serde(with = "humantime_serde")]
-    pub manifest_deadline: Duration,
-    /// TCP connect timeout towards a peer.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// A peer that sends nothing for this long is treated as broken (the stream resumes
-    /// elsewhere). Blobs have no overall deadline: a large layer may take minutes.
-    #[serde(with = "humantime_serde")]
-    pub read_timeout: Duration,
-    /// Who names a tag's digest: `upstream-first` (one anonymous `HEAD` upstream; the cluster
-    /// only when upstream cannot answer) or `cluster-first` (the tags the nodes hold). The
-    /// policy's `tag_resolution` overrides it per image ([`super::tags`]).
-    pub tag_resolution: TagResolution,
-    /// The whole budget of that upstream `HEAD` (token included); past it the cluster answers.
-    /// Every tag pull waits at most this long when upstream is silent.
-    #[serde(with = "humantime_serde")]
-    pub tag_upstream_timeout: Duration,
-}
-
-impl Default for MirrorConfig {
-    fn default() -> Self {
-        MirrorConfig {
-            resolve_timeout: Duration::from_millis(20),
-            blob_resolve_timeout: Duration::from_millis(250),
-            attempts: 3,
-            manifest_deadline: Duration::from_secs(5),
-            connect_timeout: Duration::from_millis(500),
-            read_timeout: Duration::from_secs(10),
-            tag_resolution: TagResolution::UpstreamFirst,
-            tag_upstream_timeout: Duration::from_millis(1500),
-        }
-    }
-}
-
-impl MirrorConfig {
-    pub fn validate(&self) -> Vec<String> {
-        let mut errors = Vec::new();
-        if self.attempts == 0 || self.attempts > 32 {
-            errors.push("mirror.attempts must be between 1 and 32".to_owned());
-        }
-        for (name, d) in [
-            ("resolve_timeout", self.resolve_timeout),
-            ("blob_resolve_timeout", self.blob_resolve_timeout),
-            ("manifest_deadline", self.manifest_deadline),
-            ("connect_timeout", self.connect_timeout),
-            ("read_timeout", self.read_timeout),
-        ] {
-            if d.is_zero() {
-                errors.push(format!("mirror.{name} must be greater than zero"));
-            }
-        }
-        if self.tag_upstream_timeout < Duration::from_millis(10)
-            || self.tag_upstream_timeout > Duration::from_secs(30)
-        {
-            errors.push("mirror.tag_upstream_timeout must be between 10ms and 30s".to_owned());
-        }
-        errors
-    }
-}
 
 /// The peer mirror: a router to find peers and an HTTP client to fetch from them.
 pub struct Mirror {
@@ -206,7 +129,7 @@ impl Mirror {
                 Ok(Fetched::Whole(builder, bytes)) => {
                     let status = builder.status_code();
                     let body = if req.head {
-                        log.finish(status, 0, "peer");
+                        log.finish(status, 0, Some(Source::Peer));
                         Body::empty()
                     } else {
                         let stream = futures::stream::iter([Ok(bytes)]).boxed();
@@ -403,18 +326,18 @@ impl Headers {
         self.status
     }
 
+    /// The client's response: the same content headers as a local or cache response
+    /// ([`content_head`], `ETag` included).
     fn into_response(self, body: Body) -> Response {
-        let mut b = Response::builder()
-            .status(self.status)
-            .header(header::CONTENT_TYPE, self.content_type)
-            .header(header::CONTENT_LENGTH, self.length)
-            .header(DOCKER_CONTENT_DIGEST, &self.digest)
-            .header(header::ACCEPT_RANGES, "bytes");
-        if let Some(cr) = self.content_range {
-            b = b.header(header::CONTENT_RANGE, cr);
-        }
-        b.body(body)
-            .unwrap_or_else(|_| Response::new(Body::empty()))
+        content_head(
+            self.status,
+            &self.content_type,
+            &self.digest,
+            self.length,
+            self.content_range,
+        )
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Body::empty()))
     }
 }
 
