@@ -23,7 +23,8 @@
 //!   blobs, and coalescing: one upstream fetch per blob across the cluster (off by default).
 //! - [`hosts`]: rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml`.
 //! - [`config`]: defaults → YAML file → `SPECULUM_*` environment → flags, validated at once.
-//! - [`metrics`]: the daemon's own Prometheus registry (no globals).
+//! - [`metrics`]: the aggregator of every subsystem's metrics into the daemon's own Prometheus
+//!   registry (no globals); imported by [`app`] only.
 //! - [`tenancy`]: multi-tenant protection: node pod index, peer authentication (grants: the
 //!   `speculum-grant` crate).
 //! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.

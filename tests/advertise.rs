@@ -1,4 +1,4 @@
-//! The advertisement loop (`routing::sync::Advertiser`) on the memory twins: what the store
+//! The advertisement loop (`advertise::Advertiser`) on the memory twins: what the store
 //! holds is advertised, deletions are withdrawn, an unreadable store keeps the current set,
 //! and shutdown withdraws everything.
 
