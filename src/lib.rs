@@ -28,6 +28,13 @@
 //! - [`tenancy`]: multi-tenant protection: node pod index, peer authentication (grants: the
 //!   `speculum-grant` crate).
 //! - [`app`]: the composition root: builds the seams, runs the tasks, readiness and shutdown.
+//!
+//! # Layers
+//! A module imports only from its own layer or lower (`tests/layers.rs` checks every
+//! `crate::…` path): L0 pure ([`oci`], [`readiness`], [`shutdown`]) → L1 bytes on the wire
+//! ([`wire`], [`server`]) → L2 seams ([`store`] below [`routing`], [`policy`], [`audit`],
+//! [`tenancy`], [`hosts`]) → L3 services ([`cache`] < [`advertise`] < [`registry`]) → the top
+//! ([`metrics`], [`config`], [`app`]), which nothing below imports.
 
 pub mod advertise;
 pub mod app;
