@@ -14,20 +14,20 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::advertise::Advertiser;
 use crate::audit::recent::{RecentRequests, Tee};
 use crate::audit::{AuditSink, JsonlSink};
 use crate::cache::Cache;
 use crate::cache::coalesce::Coalescer;
 use crate::config::Config;
-use crate::metrics::{Handler, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::reload as policy_reload;
 use crate::readiness::{Part, Readiness};
-use crate::registry::listen::ServeOptions;
 use crate::registry::tags::TagResolver;
-use crate::registry::{self, Guard, Mirror, RegistryState, TenancyGuard};
+use crate::registry::{self, Guard, Handler, Mirror, RegistryState, TenancyGuard};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
-use crate::routing::sync::Advertiser;
+use crate::server::{self, ServeOptions};
 use crate::shutdown::{self, Shutdown};
 use crate::status;
 use crate::store::Store;
@@ -35,6 +35,7 @@ use crate::store::containerd::ContainerdStore;
 use crate::store::introspect::{self, Finding};
 use crate::tenancy::Tenancy;
 use crate::tenancy::grants::{GrantChecker, GrantKeys};
+use crate::wire::PeerClient;
 
 /// How often health gauges (peers, containerd reachability, routing readiness) refresh.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -129,7 +130,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         config.mirror.tag_resolution,
         config.mirror.tag_upstream_timeout,
         plain_http,
-        metrics.clone(),
+        metrics.registry.clone(),
     )
     .context("building the upstream HTTP client for tags")?
     .only_for(config.hosts.mirrored_dirs());
@@ -137,9 +138,16 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         tag_resolution = config.mirror.tag_resolution.as_str(),
         "tag resolution"
     );
-    let mirror = Mirror::new(router_dyn.clone(), config.mirror.clone(), metrics.clone())
-        .context("building the peer HTTP client")?
-        .with_tags(tags);
+    // The daemon→daemon client (`wire::peer_client`, `mirror.*` timeouts).
+    let peer_client = PeerClient::new(config.mirror.connect_timeout, config.mirror.read_timeout)
+        .context("building the peer HTTP client")?;
+    let mirror = Mirror::with_client(
+        router_dyn.clone(),
+        config.mirror.clone(),
+        metrics.registry.clone(),
+        peer_client,
+    )
+    .with_tags(tags);
     let coalescer = if config.cache.enabled {
         let cache = Cache::open(&config.cache.dir, config.cache.max_bytes)
             .context("opening the blob cache")?;
@@ -149,6 +157,16 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
                 router_dyn.clone(),
                 config.cache.clone(),
                 metrics.cache.clone(),
+                // The same client definition; a follower reads a winner's growing file, which
+                // can pause as long as the winner's upstream may (`cache.upstream_read_timeout`).
+                PeerClient::new(
+                    config.mirror.connect_timeout,
+                    config
+                        .mirror
+                        .read_timeout
+                        .max(config.cache.upstream_read_timeout),
+                )
+                .context("building the peer HTTP client")?,
             )
             .context("building the upstream HTTP client")?,
         )
@@ -159,7 +177,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         store: store.clone(),
         mirror,
         cache: coalescer.clone(),
-        metrics: metrics.clone(),
+        metrics: metrics.registry.clone(),
         readiness: readiness.clone(),
         handler,
     };
@@ -169,7 +187,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         store.clone(),
         router_dyn.clone(),
         config.sync.clone(),
-        metrics.clone(),
+        metrics.routing.clone(),
         readiness.clone(),
     )
     .with_advert_filter({
@@ -236,7 +254,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
 
     tracing::info!("shutdown: not ready, withdrawing advertisements");
     readiness.block(Part::Shutdown, "shutting down");
-    metrics.ready.set(0);
+    metrics.set_ready(false);
     health.abort();
     policy_stop.fire();
     policy_task.abort();
@@ -288,12 +306,7 @@ fn serve(
     options: ServeOptions,
     shutdown: Shutdown,
 ) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(registry::listen::serve_with(
-        listener,
-        app,
-        options,
-        shutdown.wait(),
-    ))
+    tokio::spawn(server::serve(listener, app, options, shutdown.wait()))
 }
 
 /// `/metrics`, `/readyz` and `/livez` on the metrics listener.
@@ -364,18 +377,11 @@ async fn health(
     let mut last_findings: Option<Vec<Finding>> = None;
     loop {
         tick.tick().await;
-        metrics.peers.set(router.peer_count() as i64);
-        // The router counts; the metric follows (both only ever grow).
-        let failures = router.handshake_failures();
-        let seen = metrics.handshake_failures.get();
-        if failures > seen {
-            metrics.handshake_failures.inc_by(failures - seen);
-        }
-        let unreachable = router.declared_unreachable();
-        let seen = metrics.peers_unreachable.get();
-        if unreachable > seen {
-            metrics.peers_unreachable.inc_by(unreachable - seen);
-        }
+        metrics.routing.peers(router.peer_count());
+        // The router counts; the metrics follow (both only ever grow).
+        metrics
+            .routing
+            .router_totals(router.handshake_failures(), router.declared_unreachable());
         if router.ready() {
             readiness.release(Part::Routing);
         } else {
@@ -400,7 +406,7 @@ async fn health(
                 inspected = false;
             }
         }
-        metrics.ready.set(i64::from(readiness.is_ready()));
+        metrics.set_ready(readiness.is_ready());
     }
 }
 
@@ -431,10 +437,7 @@ async fn check_containerd_config(
     let version = facts.config_version();
     for label in Finding::LABELS {
         let on = findings.iter().any(|f| f.label() == label);
-        metrics
-            .containerd_problems
-            .get_or_create(&crate::metrics::ContainerdProblemLabels { problem: label })
-            .set(i64::from(on));
+        metrics.containerd_problem(label, on);
     }
     let messages: Vec<String> = findings
         .iter()

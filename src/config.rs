@@ -7,18 +7,17 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::advertise::SyncConfig;
 use crate::audit::AuditConfig;
 use crate::cache::CacheConfig;
 use crate::hosts::HostsConfig;
 use crate::policy::PolicyConfig;
-use crate::registry::MirrorConfig;
+use crate::registry::{MirrorConfig, RegistryConfig};
 use crate::routing::kademlia::KademliaConfig;
-use crate::routing::sync::SyncConfig;
 use crate::status::StatusConfig;
 use crate::store::containerd::ContainerdConfig;
 use crate::tenancy::TenancyConfig;
@@ -53,60 +52,6 @@ pub struct Config {
 pub struct NodeConfig {
     /// The Kubernetes node name; defaults to `$NODE_NAME`, then the host name.
     pub name: String,
-}
-
-/// The two registry listeners and the shutdown drain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RegistryConfig {
-    /// containerd-facing mirror endpoint (serves local content and mirrors peers).
-    pub mirror_listen: SocketAddr,
-    /// Endpoint other daemons fetch from (local content only). Its port must equal
-    /// `routing.registry_port`, which tells peers where to connect.
-    pub peer_listen: SocketAddr,
-    /// On SIGTERM, in-flight responses get this long to finish (keep it below the pod's
-    /// `terminationGracePeriodSeconds`).
-    #[serde(with = "humantime_serde")]
-    pub drain_grace: Duration,
-    /// Serve `GET`/`HEAD` with the daemon's own HTTP/1.1 writer, which sends blob bodies from
-    /// containerd's content files with `sendfile(2)` (needs `containerd.content_dir`; without
-    /// it bodies stream as before). `false`: hyper writes every response
-    /// (`src/registry/http1.rs`, BENCHMARKS.md §2).
-    pub sendfile: bool,
-    /// With `sendfile`: a response whose bytes make no progress for this long is abandoned
-    /// and its connection closed, so a client that stops reading cannot hold a task.
-    #[serde(with = "humantime_serde")]
-    pub write_stall_timeout: Duration,
-    /// A connection that has not delivered a complete request head this long after it opened
-    /// or after its last response is closed (idle keep-alive connections, trickling clients).
-    /// Keep it above the clients' own idle-connection timeouts (90 s for containerd, 30 s for
-    /// the daemons' peer client), so they close first.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-}
-
-impl RegistryConfig {
-    /// How the registry listeners serve their connections.
-    pub fn serve_options(&self) -> crate::registry::listen::ServeOptions {
-        crate::registry::listen::ServeOptions {
-            sendfile: self.sendfile,
-            write_stall: self.write_stall_timeout,
-            idle: self.idle_timeout,
-        }
-    }
-}
-
-impl Default for RegistryConfig {
-    fn default() -> Self {
-        RegistryConfig {
-            mirror_listen: ([127, 0, 0, 1], 5080).into(),
-            peer_listen: ([0, 0, 0, 0], 5081).into(),
-            drain_grace: Duration::from_secs(20),
-            sendfile: true,
-            write_stall_timeout: crate::registry::listen::DEFAULT_WRITE_STALL,
-            idle_timeout: crate::registry::listen::DEFAULT_IDLE,
-        }
-    }
 }
 
 /// The metrics and health endpoint.
@@ -260,6 +205,7 @@ impl Config {
     /// Every problem across sections, including the ones that span sections.
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
+        errors.extend(self.registry.validate());
         errors.extend(self.mirror.validate());
         errors.extend(self.containerd.validate());
         errors.extend(self.routing.validate());
@@ -284,28 +230,12 @@ impl Config {
                 self.log.level
             ));
         }
-        if self.registry.mirror_listen == self.registry.peer_listen {
-            errors.push("registry.mirror_listen and registry.peer_listen must differ".to_owned());
-        }
         if self.registry.peer_listen.port() != self.routing.registry_port {
             errors.push(format!(
                 "registry.peer_listen port {} must equal routing.registry_port {}: peers connect to that port",
                 self.registry.peer_listen.port(),
                 self.routing.registry_port
             ));
-        }
-        if self.registry.drain_grace > Duration::from_secs(600) {
-            errors.push("registry.drain_grace must be at most 10m".to_owned());
-        }
-        if self.registry.write_stall_timeout < Duration::from_secs(1)
-            || self.registry.write_stall_timeout > Duration::from_secs(3600)
-        {
-            errors.push("registry.write_stall_timeout must be between 1s and 1h".to_owned());
-        }
-        if self.registry.idle_timeout < Duration::from_secs(1)
-            || self.registry.idle_timeout > Duration::from_secs(3600)
-        {
-            errors.push("registry.idle_timeout must be between 1s and 1h".to_owned());
         }
         errors
     }
@@ -407,6 +337,8 @@ fn set(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

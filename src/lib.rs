@@ -17,8 +17,8 @@
 //! | L0 pure | [`oci`] | digests, references, `/v2/` paths, ranges, media types, OCI error codes |
 //! | | [`readiness`] | the latch `/readyz` reports; one `Part` per subsystem |
 //! | | [`shutdown`] | a trigger that remembers it fired |
-//! | L1 bytes on the wire | `wire` | hop header, digest header, byte streams, resumable peer bodies, the one daemon→daemon HTTP client |
-//! | | `server` | accept and drain (`listen`), the GET/HEAD writer with sendfile (`http1`), header limits (`options`), file bodies (`file_body`); knows no store, policy or router |
+//! | L1 bytes on the wire | [`wire`] | hop header, digest header, byte streams, resumable peer bodies, the one daemon→daemon HTTP client |
+//! | | [`server`] | accept and drain (`listen`), the GET/HEAD writer with sendfile (`http1`), header limits (`options`), file bodies (`file_body`); knows no store, policy or router |
 //! | L2 seams | [`store`] | `Store`: read-only access to the node's content (containerd, memory twin) |
 //! | | [`routing`] | `Router`: who holds what (libp2p Kademlia in `routing::kademlia`, memory twin), claims, bootstrap, pre-shared key |
 //! | | [`policy`] | `Policy`: Rego bundles (regorus) deciding what may be served peer to peer and which tags the cluster resolves; fail closed for P2P, never for the pull |
@@ -26,7 +26,7 @@
 //! | | [`tenancy`] | multi-tenant protection: the node's pod index, peer authentication, grants (the `speculum-grant` crate) |
 //! | | [`hosts`] | rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml` |
 //! | L3 services | [`cache`] | the daemon's bounded blob cache, anonymous upstream fetches of public blobs, one upstream fetch per blob across the cluster (off by default) |
-//! | | `advertise` | store and cache → router: the advertised keys kept in step with what the node holds, filtered by `policy::Advert` |
+//! | | [`advertise`] | store and cache → router: the advertised keys kept in step with what the node holds, filtered by `policy::Advert` |
 //! | | [`registry`] | the OCI distribution API: the containerd-facing mirror endpoint and the peer endpoint |
 //! | root | [`config`] | defaults → YAML file → `SPECULUM_*` environment → flags, every error reported at once |
 //! | | [`metrics`] | the Prometheus registry (no globals), one struct per subsystem |
@@ -72,6 +72,7 @@
 //! | which component stops first on SIGTERM | `app.rs` | `run`: readiness fails → DHT records withdrawn → stop accepting → drain |
 //! | what is advertised to the DHT | `advertise.rs` | filtered by `policy::Advert` |
 
+pub mod advertise;
 pub mod app;
 pub mod audit;
 pub mod cache;
@@ -84,7 +85,9 @@ pub mod policy;
 pub mod readiness;
 pub mod registry;
 pub mod routing;
+pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod tenancy;
+pub mod wire;

@@ -1,4 +1,4 @@
-//! The advertisement loop (`routing::sync::Advertiser`) on the memory twins: what the store
+//! The advertisement loop (`advertise::Advertiser`) on the memory twins: what the store
 //! holds is advertised, deletions are withdrawn, an unreadable store keeps the current set,
 //! and shutdown withdraws everything.
 
@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use speculum::advertise::{Advertiser, SyncConfig};
 use speculum::metrics::Metrics;
 use speculum::oci::{ByteRange, Digest};
 use speculum::readiness::Readiness;
 use speculum::routing::memory::MemoryNetwork;
-use speculum::routing::sync::{Advertiser, SyncConfig};
 use speculum::routing::{Peer, Router};
 use speculum::shutdown;
 use speculum::store::memory::MemoryStore;
@@ -98,7 +98,7 @@ async fn advertises_what_the_store_holds_and_withdraws_on_delete_and_shutdown() 
             reconcile_interval: Duration::from_secs(3600),
             debounce: Duration::from_millis(10),
         },
-        metrics.clone(),
+        metrics.routing.clone(),
         readiness.clone(),
     );
     let task = tokio::spawn(advertiser.run(stop));
@@ -216,7 +216,7 @@ async fn content_events_advertise_a_blob_before_its_image_exists() {
             reconcile_interval: Duration::from_secs(3600),
             debounce: Duration::from_millis(10),
         },
-        Metrics::new(),
+        Default::default(),
         Readiness::new(),
     )
     .with_filter(Arc::new(|image: &Image| image.repository != "private/app"));

@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use speculum::metrics::{Handler, Metrics};
 use speculum::oci::path::{parse_ns, valid_name, valid_tag};
 use speculum::oci::{ByteRange, Digest};
 use speculum::readiness::Readiness;
-use speculum::registry::listen::ServeOptions;
-use speculum::registry::{self, Mirror, MirrorConfig, RegistryState, listen};
+use speculum::registry::{self, Handler, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
+use speculum::server::ServeOptions;
+use speculum::server::options as listen;
 use speculum::store::memory::MemoryStore;
 use speculum::store::{ContentStream, Descriptor, Image, Store, StoreError, StoreEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -190,7 +190,7 @@ enum Want {
     /// This status with an OCI error body carrying this code.
     Oci(u16, &'static str),
     /// This status from hyper, before any of our code runs: no body is possible, because
-    /// hyper could not parse a request (see `registry::listen`; `sendfile` off only).
+    /// hyper could not parse a request (see `server::listen`; `sendfile` off only).
     Http(u16),
 }
 
@@ -225,7 +225,7 @@ async fn start(options: ServeOptions) -> Rig {
         inner,
         calls: Mutex::new(Vec::new()),
     });
-    let metrics = Metrics::new();
+    let metrics = speculum::registry::RegistryMetrics::default();
     // No peers hold anything: every lookup that gets through misses and answers 404.
     let mirror = Mirror::new(
         Arc::new(MemoryRouter::with_static(
@@ -246,7 +246,12 @@ async fn start(options: ServeOptions) -> Rig {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     // The daemon's own serving loop: its header limits are part of what is tested.
-    tokio::spawn(registry::listen::serve_with(
+    // Refusals get the registry's OCI body, as in the daemon (`RegistryConfig::serve_options`).
+    let options = ServeOptions {
+        refuse: registry::refusal,
+        ..options
+    };
+    tokio::spawn(speculum::server::serve(
         listener,
         app,
         options,
@@ -547,7 +552,7 @@ fn cases(blob: &Digest, ours: bool) -> Vec<(&'static str, Vec<u8>, Want)> {
             Oci(431, "UNSUPPORTED"),
         ),
         // Beyond hyper's own limits: hyper answers before any request exists; with
-        // `registry.sendfile` on, our own parser (`registry::http1`) reads every GET head first
+        // `registry.sendfile` on, our own parser (`server::http1`) reads every GET head first
         // and refuses these with an OCI body too.
         (
             "header beyond hyper's buffer",

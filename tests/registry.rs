@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use speculum::metrics::{Handler, Metrics};
+use speculum::metrics::Metrics;
 use speculum::oci::Digest;
 use speculum::readiness::Readiness;
-use speculum::registry::{self, Mirror, MirrorConfig, RegistryState};
+use speculum::registry::{self, Handler, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
@@ -25,13 +25,13 @@ const REG: &str = "127.0.0.1:5000";
 async fn spawn(app: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    tokio::spawn(speculum::server::serve(
+        listener,
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
+    ));
     addr
 }
 
@@ -48,7 +48,7 @@ async fn good_peer(store: Arc<MemoryStore>) -> SocketAddr {
         store,
         mirror: None,
         cache: None,
-        metrics: Metrics::new(),
+        metrics: Default::default(),
         readiness: Readiness::new(),
         handler: Handler::Peer,
     }))
@@ -135,12 +135,12 @@ async fn mirror_node(peers: HashMap<String, Vec<Peer>>, config: MirrorConfig) ->
 async fn mirror_node_on(router: MemoryRouter, config: MirrorConfig) -> Node {
     let store = Arc::new(MemoryStore::new());
     let metrics = Metrics::new();
-    let mirror = Mirror::new(Arc::new(router), config, metrics.clone()).expect("client");
+    let mirror = Mirror::new(Arc::new(router), config, metrics.registry.clone()).expect("client");
     let addr = spawn(registry::app(RegistryState {
         store: store.clone(),
         mirror: Some(Arc::new(mirror)),
         cache: None,
-        metrics: metrics.clone(),
+        metrics: metrics.registry.clone(),
         readiness: Readiness::new(),
         handler: Handler::Mirror,
     }))
@@ -708,7 +708,7 @@ mod guarded {
         peers: Option<HashMap<String, Vec<Peer>>>,
         guard: Guard,
     ) -> SocketAddr {
-        let metrics = Metrics::new();
+        let metrics = speculum::registry::RegistryMetrics::default();
         let (mirror, handler) = match peers {
             Some(p) => (
                 Some(Arc::new(

@@ -1,4 +1,4 @@
-//! Blob bodies sent with `sendfile(2)` (`registry::http1`) from a real containerd content
+//! Blob bodies sent with `sendfile(2)` (`server::http1`) from a real containerd content
 //! store, over real sockets on `127.0.0.1:0`: the bytes and headers are those of the streaming
 //! path (the same server with `sendfile` off), ranges and HEAD included; keep-alive and
 //! pipelining mix sendfile bodies with every other kind of response; a client that leaves or
@@ -18,11 +18,11 @@ use common::containerd::Containerd;
 use sha2::{Digest as _, Sha256};
 use speculum::audit::AuditRecord;
 use speculum::audit::memory::MemorySink;
-use speculum::metrics::{Handler, Metrics};
+use speculum::metrics::Metrics;
 use speculum::policy::Gate;
 use speculum::readiness::Readiness;
-use speculum::registry::listen::{self, ServeOptions};
-use speculum::registry::{self, Guard, RegistryState, TenancyGuard};
+use speculum::registry::{self, Guard, Handler, RegistryState, TenancyGuard};
+use speculum::server::{self as listen, ServeOptions};
 use speculum::store::containerd::{ContainerdConfig, ContainerdStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -141,7 +141,7 @@ async fn server(f: &Fixture, options: ServeOptions) -> Server {
             store: Arc::new(store),
             mirror: None,
             cache: None,
-            metrics: metrics.clone(),
+            metrics: metrics.registry.clone(),
             readiness: Readiness::new(),
             handler: Handler::Peer,
         },
@@ -155,7 +155,11 @@ async fn server(f: &Fixture, options: ServeOptions) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(listen::serve_with(listener, app, options, async {
+    let options = ServeOptions {
+        refuse: registry::refusal,
+        ..options
+    };
+    let task = tokio::spawn(listen::serve(listener, app, options, async {
         let _ = stopped.await;
     }));
     Server {
@@ -330,7 +334,7 @@ async fn record(audit: &MemorySink, digest: &str, status: u16) -> AuditRecord {
 }
 
 fn sendfile_bytes(s: &Server) -> u64 {
-    s.metrics.sendfile_bytes.get()
+    s.metrics.registry.sendfile_bytes().get()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

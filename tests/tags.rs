@@ -15,14 +15,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use speculum::audit::{AuditRecord, MemorySink};
-use speculum::metrics::{Handler, Metrics};
+use speculum::metrics::Metrics;
 use speculum::oci::Digest;
 use speculum::policy::{
     Decision, Gate, PolicyMetrics, RegoPolicy, StaticPolicy, Switches, TagResolution,
 };
 use speculum::readiness::Readiness;
 use speculum::registry::tags::TagResolver;
-use speculum::registry::{self, Guard, Mirror, MirrorConfig, RegistryState};
+use speculum::registry::{self, Guard, Handler, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
@@ -35,13 +35,13 @@ const TIMEOUT: Duration = Duration::from_millis(400);
 async fn spawn(app: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    tokio::spawn(speculum::server::serve(
+        listener,
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
+    ));
     addr
 }
 
@@ -246,7 +246,7 @@ async fn setup(up: Up, new_at: NewAt, mode: TagResolution, policy: Option<TagRes
                 store: peer_store,
                 mirror: None,
                 cache: None,
-                metrics: Metrics::new(),
+                metrics: Default::default(),
                 readiness: Readiness::new(),
                 handler: Handler::Peer,
             }))
@@ -270,13 +270,13 @@ async fn setup(up: Up, new_at: NewAt, mode: TagResolution, policy: Option<TagRes
         tag_upstream_timeout: TIMEOUT,
         ..MirrorConfig::default()
     };
-    let resolver = TagResolver::new(mode, TIMEOUT, vec![ns.clone()], metrics.clone())
+    let resolver = TagResolver::new(mode, TIMEOUT, vec![ns.clone()], metrics.registry.clone())
         .expect("upstream client")
         .only_for(Some(vec![ns.clone(), "other.test:5000".to_owned()]));
     let mirror = Mirror::new(
         Arc::new(MemoryRouter::with_static(peers)),
         config,
-        metrics.clone(),
+        metrics.registry.clone(),
     )
     .expect("client")
     .with_tags(resolver);
@@ -300,7 +300,7 @@ async fn setup(up: Up, new_at: NewAt, mode: TagResolution, policy: Option<TagRes
             store,
             mirror: Some(Arc::new(mirror)),
             cache: None,
-            metrics: metrics.clone(),
+            metrics: metrics.registry.clone(),
             readiness: Readiness::new(),
             handler: Handler::Mirror,
         },
@@ -729,7 +729,7 @@ async fn only_tags_from_containerd_go_upstream() {
 #[tokio::test]
 async fn registries_not_mirrored_are_never_asked() {
     let (addr, seen) = upstream(Up::Status(404)).await;
-    let metrics = Metrics::new();
+    let metrics = speculum::registry::RegistryMetrics::default();
     let resolver = TagResolver::new(
         TagResolution::UpstreamFirst,
         TIMEOUT,

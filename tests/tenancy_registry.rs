@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use speculum::audit::{AuditRecord, MemorySink};
-use speculum::metrics::{Handler, Metrics};
 use speculum::oci::Digest;
 use speculum::policy::{Decision, Gate, PolicyMetrics, StaticPolicy, Switches};
 use speculum::readiness::Readiness;
-use speculum::registry::{self, Guard, Mirror, MirrorConfig, RegistryState, TenancyGuard};
+use speculum::registry::{self, Guard, Handler, Mirror, MirrorConfig, RegistryState, TenancyGuard};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
@@ -30,13 +29,13 @@ const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-cluster";
 async fn spawn(app: axum::Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    tokio::spawn(speculum::server::serve(
+        listener,
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
+    ));
     addr
 }
 
@@ -118,7 +117,7 @@ impl World {
                 store,
                 mirror: None,
                 cache: None,
-                metrics: Metrics::new(),
+                metrics: Default::default(),
                 readiness: Readiness::new(),
                 handler: Handler::Peer,
             },
@@ -151,7 +150,7 @@ impl World {
                 )
             })
             .collect();
-        let metrics = Metrics::new();
+        let metrics = speculum::registry::RegistryMetrics::default();
         let config = MirrorConfig {
             resolve_timeout: Duration::from_millis(200),
             ..MirrorConfig::default()

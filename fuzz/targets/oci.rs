@@ -11,7 +11,7 @@ use speculum::oci::path::{parse_ns, parse_v2_path, valid_name};
 use speculum::oci::range::parse_range;
 use speculum::oci::{Digest, Reference};
 use speculum::registry::PullRequest;
-use speculum::registry::http1::{Classified, classify};
+use speculum::server::http1::{Classified, classify};
 
 /// `sha256:…` and `sha512:…`: accepted digests round-trip byte for byte (only the canonical
 /// form is accepted, so a URL and the store always name the same bytes).
@@ -148,7 +148,7 @@ pub fn pull_request(data: &[u8]) {
     }
 }
 
-/// The start of a connection (`registry::http1`, the GET/HEAD writer in front of hyper): never a
+/// The start of a connection (`server::http1`, the GET/HEAD writer in front of hyper): never a
 /// panic; a head it serves lies within the bytes, is found again in exactly those bytes (the
 /// bytes after it stay for the next request), and is only ever a GET or HEAD; a refusal is a
 /// 400 or 431.

@@ -20,17 +20,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use http::{StatusCode, header};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 
+pub use super::metrics::CacheMetrics;
 use super::upstream::Upstream;
 use super::{Cache, CacheConfig, CacheError};
-use crate::oci::range::{RangeError, parse_range};
+use crate::oci::range::{RangeError, parse_content_range, parse_range};
 use crate::oci::{ByteRange, Digest};
-use crate::registry::mirror::io_stream;
-use crate::registry::resume::{ByteStream, Reopen, resumable};
 use crate::routing::{Claim, Peer, Router};
+use crate::wire::{ByteStream, PeerClient, Reopen, io_stream, resumable};
 
 /// Where the bytes of a coalesced response come from (audit `served_from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,60 +50,13 @@ pub struct Body {
     pub peer: Option<String>,
 }
 
-/// The cache's metrics (`speculum_upstream_*`, `speculum_cache_*`).
-#[derive(Clone, Default)]
-pub struct CacheMetrics {
-    /// Bytes this node fetched from upstream registries.
-    pub upstream_bytes: Counter,
-    /// Bytes served from this node's cache that would otherwise have gone upstream.
-    pub saved_bytes: Counter,
-    /// Pulls that followed another node's fetch instead of going upstream.
-    pub followers: Counter,
-    /// Blob downloads this node started from upstream (claims won or fallen back to).
-    pub fetches: Counter,
-    /// Bytes held in the cache.
-    pub bytes: Gauge,
-}
-
-impl CacheMetrics {
-    pub fn register(registry: &mut Registry) -> CacheMetrics {
-        let m = CacheMetrics::default();
-        registry.register(
-            "upstream_bytes",
-            "Bytes this node fetched from upstream registries itself (cache.upstream_fetch)",
-            m.upstream_bytes.clone(),
-        );
-        registry.register(
-            "upstream_saved_bytes",
-            "Bytes served from the blob cache (to containerd or peers) that would otherwise have come from upstream",
-            m.saved_bytes.clone(),
-        );
-        registry.register(
-            "cache_coalesced_followers",
-            "Cold blob pulls that followed another node's upstream fetch",
-            m.followers.clone(),
-        );
-        registry.register(
-            "cache_upstream_fetches",
-            "Blob downloads this node started from upstream",
-            m.fetches.clone(),
-        );
-        registry.register(
-            "cache_bytes",
-            "Bytes held in the blob cache",
-            m.bytes.clone(),
-        );
-        m
-    }
-}
-
 /// The coalescing front of the cache. Cheap to clone.
 #[derive(Clone)]
 pub struct Coalescer {
     cache: Arc<Cache>,
     upstream: Arc<Upstream>,
     router: Arc<dyn Router>,
-    client: reqwest::Client,
+    peers: PeerClient,
     config: Arc<CacheConfig>,
     metrics: CacheMetrics,
 }
@@ -119,25 +69,22 @@ const FOLLOW_POLL: Duration = Duration::from_millis(50);
 const DOWNLOAD_ATTEMPTS: usize = 3;
 
 impl Coalescer {
+    /// `peers` is the daemon's one peer client (`mirror.connect_timeout`,
+    /// `mirror.read_timeout`), shared with the mirror.
     pub fn new(
         cache: Arc<Cache>,
         router: Arc<dyn Router>,
         config: CacheConfig,
         metrics: CacheMetrics,
+        peers: PeerClient,
     ) -> Result<Coalescer, reqwest::Error> {
         let upstream = Arc::new(Upstream::new(&config)?);
-        let client = reqwest::Client::builder()
-            // Peer traffic stays inside the cluster: never through an HTTP(S)_PROXY.
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(500))
-            .read_timeout(config.upstream_read_timeout)
-            .build()?;
-        metrics.bytes.set(cache.usage().1 as i64);
+        metrics.held(cache.usage().1);
         Ok(Coalescer {
             cache,
             upstream,
             router,
-            client,
+            peers,
             config: Arc::new(config),
             metrics,
         })
@@ -167,11 +114,11 @@ impl Coalescer {
         let Ok((size, stream)) = self.cache.read(digest, range) else {
             return Ok(None);
         };
-        let saved = self.metrics.saved_bytes.clone();
+        let metrics = self.metrics.clone();
         let stream = stream
             .inspect(move |c| {
                 if let Ok(c) = c {
-                    saved.inc_by(c.len() as u64);
+                    metrics.saved(c.len() as u64);
                 }
             })
             .boxed();
@@ -243,7 +190,7 @@ impl Coalescer {
     ) -> Option<Body> {
         match self.cache.begin(digest) {
             Ok(writer) => {
-                self.metrics.fetches.inc();
+                self.metrics.fetch_started();
                 // In-flight provider at once: latecomers find us through the DHT.
                 if let Err(e) = self.router.advertise(vec![digest.to_string()]).await {
                     tracing::warn!(%digest, error = %e, "advertising an in-flight blob failed");
@@ -313,7 +260,7 @@ impl Coalescer {
                         break;
                     }
                 };
-                self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
+                self.metrics.fetched_upstream(chunk.len() as u64);
                 if skip > 0 {
                     let n = skip.min(chunk.len() as u64);
                     skip -= n;
@@ -335,7 +282,7 @@ impl Coalescer {
         match writer.finish().await {
             Ok(size) => {
                 tracing::info!(%digest, bytes = size, "blob cached from upstream");
-                self.metrics.bytes.set(self.cache.usage().1 as i64);
+                self.metrics.held(self.cache.usage().1);
             }
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "upstream blob refused");
@@ -360,13 +307,8 @@ impl Coalescer {
         headers: &http::HeaderMap,
     ) -> Option<Body> {
         let deadline = tokio::time::Instant::now() + self.config.follow_wait;
-        let url = format!("http://{}{peer_path}", peer.addr);
         let resp = loop {
-            let mut request = self
-                .client
-                .get(&url)
-                .header(crate::registry::HOP_HEADER, "1")
-                .headers(headers.clone());
+            let mut request = self.peers.get(peer.addr, peer_path, headers);
             if let Some(r) = range {
                 request = request.header(header::RANGE, r);
             }
@@ -391,12 +333,13 @@ impl Coalescer {
                     .headers()
                     .get(header::CONTENT_RANGE)
                     .and_then(|v| v.to_str().ok())?;
+                // The total is required here: it is the size the response announces.
                 let (s, e, total) = parse_content_range(cr)?;
-                (s, e, total, Some(ByteRange { start: s, end: e }))
+                (s, e, total?, Some(ByteRange { start: s, end: e }))
             }
             _ => (0, length.saturating_sub(1), length, None),
         };
-        self.metrics.followers.inc();
+        self.metrics.followed();
         tracing::info!(%digest, peer.id = %peer.id, bytes = size, "following another node's fetch");
         let mut tried = HashSet::new();
         tried.insert(peer.id.clone());
@@ -425,15 +368,6 @@ impl Coalescer {
     }
 }
 
-/// `bytes START-END/TOTAL` (TOTAL required here).
-fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (s, e) = range.split_once('-')?;
-    let (start, end): (u64, u64) = (s.parse().ok()?, e.parse().ok()?);
-    (end >= start).then_some((start, end, total.parse().ok()?))
-}
-
 /// Where a follower's broken stream continues: another holder, else upstream, `budget` times.
 struct FromHolders {
     budget: usize,
@@ -450,7 +384,6 @@ struct FromHolders {
 impl Reopen for FromHolders {
     async fn reopen(&mut self, next: u64, end: u64) -> std::io::Result<ByteStream> {
         let c = self.coalescer.clone();
-        let range = format!("bytes={next}-{end}");
         while self.budget > 0 {
             self.budget -= 1;
             // Another holder first (complete, or another in-flight provider).
@@ -461,23 +394,11 @@ impl Reopen for FromHolders {
                     if !self.tried.insert(peer.id.clone()) {
                         continue;
                     }
-                    let resp = c
-                        .client
-                        .get(format!("http://{}{}", peer.addr, self.peer_path))
-                        .header(crate::registry::HOP_HEADER, "1")
-                        .headers(self.headers.clone())
-                        .header(header::RANGE, &range)
-                        .send()
-                        .await;
-                    let Ok(resp) = resp else { continue };
-                    let starts_right = resp.status() == StatusCode::PARTIAL_CONTENT
-                        && resp
-                            .headers()
-                            .get(header::CONTENT_RANGE)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(parse_content_range)
-                            .is_some_and(|(s, _, _)| s == next);
-                    if starts_right {
+                    if let Some(resp) = c
+                        .peers
+                        .reopen_at(peer.addr, &self.peer_path, &self.headers, next, end)
+                        .await
+                    {
                         tracing::info!(digest = %self.digest, peer.id = %peer.id, offset = next, "follower resumed from another holder");
                         return Ok(io_stream(resp.bytes_stream()));
                     }
@@ -492,11 +413,11 @@ impl Reopen for FromHolders {
                 Ok(fetch) if fetch.start <= next => {
                     tracing::info!(digest = %self.digest, offset = next, "follower resumed from upstream");
                     let skip = next - fetch.start;
-                    let counter = c.metrics.upstream_bytes.clone();
+                    let metrics = c.metrics.clone();
                     let stream = io_stream(fetch.response.bytes_stream())
                         .inspect(move |r| {
                             if let Ok(b) = r {
-                                counter.inc_by(b.len() as u64);
+                                metrics.fetched_upstream(b.len() as u64);
                             }
                         })
                         .boxed();

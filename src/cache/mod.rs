@@ -15,9 +15,10 @@
 //! `ingest/` by a crash are deleted.
 //!
 //! What it leaves to others: *where* bytes come from ([`upstream`] fetches, [`coalesce`]
-//! decides who fetches), HTTP responses (`crate::registry`), advertising (`routing::sync`).
+//! decides who fetches), HTTP responses (`crate::registry`), advertising (`crate::advertise`).
 
 pub mod coalesce;
+pub mod metrics;
 pub mod upstream;
 
 use std::collections::HashMap;

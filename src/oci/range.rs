@@ -84,6 +84,18 @@ pub fn parse_range(header: &str, size: u64) -> Result<ByteRange, RangeError> {
     Ok(range)
 }
 
+/// Parses a `Content-Range: bytes START-END/TOTAL` response header (RFC 9110, 14.4) into
+/// `(START, END, TOTAL)`; TOTAL is `None` for `*`. `None` for anything else (an unsatisfied
+/// `bytes */TOTAL`, an inverted range, another unit). The one parser of peer responses: the
+/// mirror and the coalescer both check a resumed stream with it.
+pub fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (s, e) = range.split_once('-')?;
+    let (start, end): (u64, u64) = (s.parse().ok()?, e.parse().ok()?);
+    (end >= start).then_some((start, end, total.parse().ok()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +149,20 @@ mod tests {
             "bytes 90-99/100"
         );
         assert_eq!(ByteRange { start: 90, end: 99 }.len(), 10);
+    }
+
+    #[test]
+    fn content_range_table() {
+        let cases = [
+            ("bytes 0-9/10", Some((0, 9, Some(10)))),
+            ("bytes 5-5/*", Some((5, 5, None))),
+            ("bytes 9-5/10", None),
+            ("bytes */10", None),
+            ("items 0-1/2", None),
+            ("bytes 0-1", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(parse_content_range(input), want, "{input}");
+        }
     }
 }

@@ -400,6 +400,15 @@ pub struct Gate {
     metrics: PolicyMetrics,
 }
 
+/// What may be announced of one image ([`Gate::advert`], read by `src/advertise.rs`): its
+/// content (every digest of its closure) and its tag key. A tag the cluster must not resolve
+/// (`resolveLatestTag=false`, say) is not announced, while its content still is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advert {
+    pub content: bool,
+    pub tag: bool,
+}
+
 impl Gate {
     pub fn new(policy: Arc<dyn Policy>, switches: Switches, metrics: PolicyMetrics) -> Gate {
         Gate {
@@ -501,7 +510,7 @@ impl Gate {
     /// resolve that tag (what may not be served is not advertised). A `require_grant` object
     /// is advertised even when the policy denies it without a grant: serving it checks the
     /// grant, and a private image nobody may find could never travel peer to peer.
-    pub fn advert(&self, image: &crate::store::Image, node: &str) -> crate::routing::sync::Advert {
+    pub fn advert(&self, image: &crate::store::Image, node: &str) -> Advert {
         let input = Input {
             request: RequestInput {
                 action: Action::Advertise,
@@ -527,7 +536,7 @@ impl Gate {
         };
         let d = self.decide(&input);
         let content = d.allow || d.require_grant;
-        crate::routing::sync::Advert {
+        Advert {
             content,
             tag: content && d.resolve_tag,
         }

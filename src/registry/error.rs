@@ -1,5 +1,6 @@
 //! `RegistryError`: every way a registry request can fail, and the one place where errors
-//! become HTTP responses with an OCI error body (distribution spec, "Error Codes").
+//! become HTTP responses with an OCI error body (distribution spec, "Error Codes"), also for
+//! the requests the transport refuses ([`refusal`]).
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
@@ -7,6 +8,7 @@ use http::{HeaderValue, StatusCode, header};
 use crate::oci::error::ErrorCode;
 use crate::oci::path::PathError;
 use crate::oci::range::RangeError;
+use crate::server::Refusal;
 
 /// Errors of the registry seam. Each maps to exactly one status and error code.
 #[derive(Debug, thiserror::Error)]
@@ -33,18 +35,29 @@ pub enum RegistryError {
     /// covers it (the reason names the check that failed).
     #[error("{0}")]
     Denied(String),
-    /// Over our header limits (`registry::listen`); RFC 6585, 5.
-    #[error(
-        "request header fields too large: at most {} fields and {} bytes",
-        super::listen::MAX_HEADERS,
-        super::listen::MAX_HEADER_BYTES
-    )]
+    /// Over our header limits (`server::options`); RFC 6585, 5.
+    #[error("{}", Refusal::HeadersTooLarge)]
     HeadersTooLarge,
     /// A request head that is not HTTP/1.1 at all (a raw space or non-ASCII byte in the
-    /// target, a bad method token or version): refused by our own parser (`registry::http1`),
-    /// so that it too gets an OCI body. RFC 9112, 3.
+    /// target, a bad method token or version): refused by the transport's own parser
+    /// (`server::http1`), so that it too gets an OCI body. RFC 9112, 3.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+}
+
+impl From<Refusal> for RegistryError {
+    fn from(r: Refusal) -> RegistryError {
+        match r {
+            Refusal::HeadersTooLarge => RegistryError::HeadersTooLarge,
+            Refusal::Malformed(why) => RegistryError::Malformed(why),
+        }
+    }
+}
+
+/// The registry's answer to a request the transport refuses ([`ServeOptions::refuse`](crate::server::ServeOptions)):
+/// the same OCI error body as every other error.
+pub fn refusal(r: Refusal) -> Response {
+    RegistryError::from(r).into_response()
 }
 
 impl RegistryError {

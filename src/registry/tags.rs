@@ -31,11 +31,11 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use super::serve::DOCKER_CONTENT_DIGEST;
+use super::metrics::RegistryMetrics;
 use crate::cache::upstream::{Upstream, UpstreamError};
-use crate::metrics::{Metrics, TagLabels};
 use crate::oci::{Digest, media};
 use crate::policy::TagResolution;
+use crate::wire::DOCKER_CONTENT_DIGEST;
 
 /// What the upstream registry said about a tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +145,7 @@ pub struct TagResolver {
     upstream: Upstream,
     mode: TagResolution,
     timeout: Duration,
-    metrics: Metrics,
+    metrics: RegistryMetrics,
     /// The registries upstream may be asked about (`None`: any).
     registries: Option<Vec<String>>,
 }
@@ -156,7 +156,7 @@ impl TagResolver {
         mode: TagResolution,
         timeout: Duration,
         plain_http: Vec<String>,
-        metrics: Metrics,
+        metrics: RegistryMetrics,
     ) -> Result<TagResolver, reqwest::Error> {
         // Connect and read bounds inside the overall deadline, which is what really limits.
         let upstream = Upstream::with(plain_http, timeout, timeout)?;
@@ -211,9 +211,7 @@ impl TagResolver {
                 let started = Instant::now();
                 let answer = self.ask(ns, repository, tag, accept).await;
                 let elapsed = started.elapsed();
-                self.metrics
-                    .tag_upstream_duration
-                    .observe(elapsed.as_secs_f64());
+                self.metrics.tag_upstream(elapsed);
                 let (plan, source) = plan(&answer);
                 tracing::debug!(
                     registry = ns,
@@ -230,12 +228,7 @@ impl TagResolver {
                 }
             }
         };
-        self.metrics
-            .tag_resolutions
-            .get_or_create(&TagLabels {
-                source: resolution.source.as_str(),
-            })
-            .inc();
+        self.metrics.tag_resolved(resolution.source.as_str());
         resolution
     }
 

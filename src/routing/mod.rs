@@ -3,16 +3,17 @@
 //! Keys are strings: a digest (`sha256:…`) for content, `registry/repository:tag` for a tag.
 //! Two implementations: [`kademlia::KademliaRouter`] (libp2p Kademlia DHT, the real one) and
 //! [`memory::MemoryRouter`] (the twin for unit tests), held to one [`conformance`] suite.
-//! [`sync`] keeps the advertised keys in step with the store; [`psk`] reads the private
-//! network's pre-shared key.
+//! [`psk`] reads the private network's pre-shared key; [`metrics`] holds the routing metrics.
+//! What this node advertises is kept in step with its store by `src/advertise.rs`, a service
+//! above this seam.
 
 pub mod bootstrap;
 pub mod claim;
 pub mod conformance;
 pub mod kademlia;
 pub mod memory;
+pub mod metrics;
 pub mod psk;
-pub mod sync;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -310,7 +310,7 @@ impl Resolver {
         let err = match upstream {
             Ok(Ok((identity, digest))) => {
                 self.metrics
-                    .resolved(Source::Registry, &registry, started.elapsed());
+                    .resolved(Source::Registry.as_str(), &registry, started.elapsed());
                 let credential = authenticated(&identity);
                 self.cache.insert(
                     Key {
@@ -340,7 +340,7 @@ impl Resolver {
         match tokio::time::timeout(self.cfg.timeout, self.ask_cluster(&r)).await {
             Ok(Ok(digest)) => {
                 self.metrics
-                    .resolved(Source::Cluster, &registry, started.elapsed());
+                    .resolved(Source::Cluster.as_str(), &registry, started.elapsed());
                 tracing::info!(reference = %key_ref, registry = %registry, "resolved through the cluster: registry unreachable");
                 Ok(Resolution {
                     digest,

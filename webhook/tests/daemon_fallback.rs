@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Auth, Registry};
-use speculum::metrics::{Handler, Metrics as DaemonMetrics};
 use speculum::readiness::Readiness;
-use speculum::registry::{RegistryState, app};
+use speculum::registry::{Handler, RegistryState, app};
 use speculum::store::memory::MemoryStore;
 use speculum_webhook::credentials::Keychain;
 use speculum_webhook::metrics::Metrics;
@@ -56,7 +55,7 @@ async fn registry_down_resolves_through_a_speculum_daemon() {
         store,
         mirror: None,
         cache: None,
-        metrics: DaemonMetrics::new(),
+        metrics: Default::default(),
         readiness: Readiness::new(),
         handler: Handler::Mirror,
     };

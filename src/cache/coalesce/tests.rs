@@ -11,11 +11,12 @@ use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 
 use super::*;
-use crate::metrics::{Handler, Metrics};
 use crate::readiness::Readiness;
+use crate::registry::Handler;
 use crate::registry::{self, RegistryState};
 use crate::routing::memory::{MemoryNetwork, MemoryRouter};
 use crate::store::memory::MemoryStore;
+use crate::wire::PeerClient;
 
 const REPO: &str = "rig/app";
 
@@ -64,9 +65,12 @@ async fn upstream_blob(State(up): State<Upstream>, uri: Uri, headers: HeaderMap)
 }
 
 async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
-    let _ = axum::serve(
+    // The production transport (`server::http1` first, hyper after a hand-off).
+    let _ = crate::server::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        registry::serve_options(),
+        std::future::pending::<()>(),
     )
     .await;
 }
@@ -99,14 +103,15 @@ async fn node(i: usize, network: &MemoryNetwork, upstream: SocketAddr) -> Node {
         plain_http: vec![upstream.to_string()],
         ..CacheConfig::default()
     };
-    let metrics = Metrics::new();
-    let coalescer = Coalescer::new(cache, Arc::new(router), config, metrics.cache.clone())
+    let peers = PeerClient::new(Duration::from_millis(500), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let coalescer = Coalescer::new(cache, Arc::new(router), config, Default::default(), peers)
         .unwrap_or_else(|e| panic!("{e}"));
     let app = registry::app(RegistryState {
         store: Arc::new(MemoryStore::new()),
         mirror: None,
         cache: Some(coalescer.clone()),
-        metrics,
+        metrics: Default::default(),
         readiness: Readiness::new(),
         handler: Handler::Peer,
     });
@@ -199,15 +204,15 @@ async fn concurrent_misses_fetch_once_and_everyone_gets_the_blob() {
     );
     let followers: u64 = nodes
         .iter()
-        .map(|n| n.coalescer.metrics().followers.get())
+        .map(|n| n.coalescer.metrics().followers())
         .sum();
     let saved: u64 = nodes
         .iter()
-        .map(|n| n.coalescer.metrics().saved_bytes.get())
+        .map(|n| n.coalescer.metrics().saved_bytes())
         .sum();
     let fetched: u64 = nodes
         .iter()
-        .map(|n| n.coalescer.metrics().upstream_bytes.get())
+        .map(|n| n.coalescer.metrics().upstream_bytes())
         .sum();
     assert_eq!(followers, 3);
     assert_eq!(

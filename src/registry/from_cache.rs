@@ -1,4 +1,4 @@
-//! Responses from the blob cache (`src/cache`): blobs this node holds in its own cache,
+//! The cache responder, one job: responses from the blob cache (`src/cache`): blobs this node holds in its own cache,
 //! complete or in flight (both endpoints), and the cold path where the mirror endpoint
 //! coalesces a blob nobody holds (fetch it once from upstream, or follow the node that does).
 //! `Content-Length` is always the blob's size as upstream announced it, also while the bytes
@@ -6,12 +6,12 @@
 
 use axum::body::Body;
 use axum::response::Response;
-use http::{StatusCode, header};
 
-use super::serve::{AccessLog, Counted, DOCKER_CONTENT_DIGEST};
+use super::access_log::AccessLog;
+use super::body::{Counted, content_head, ranged};
+use super::metrics::Source;
 use super::{PullRequest, RegistryError, RegistryState};
 use crate::cache::coalesce::{Body as CachedBody, Origin};
-use crate::metrics::Source;
 use crate::oci::{Digest, Kind, media};
 
 /// A blob from this node's cache. `Ok(None)` when the cache is off or lacks it.
@@ -82,21 +82,16 @@ fn respond(
     if let Some(peer) = body.peer.clone() {
         log.set_peer(peer);
     }
-    let mut b = Response::builder()
-        .header(header::CONTENT_TYPE, media::OCTET_STREAM)
-        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::ETAG, format!("\"{digest}\""));
-    let (status, length) = match body.range {
-        Some(r) => {
-            b = b.header(header::CONTENT_RANGE, r.content_range(body.size));
-            (StatusCode::PARTIAL_CONTENT, r.len())
-        }
-        None => (StatusCode::OK, body.size),
-    };
-    b = b.status(status).header(header::CONTENT_LENGTH, length);
+    let (status, length, content_range) = ranged(body.range, body.size);
+    let b = content_head(
+        status,
+        media::OCTET_STREAM,
+        &digest.to_string(),
+        length,
+        content_range,
+    );
     let body = if req.head {
-        log.finish(status, 0, source.as_str());
+        log.finish(status, 0, Some(source));
         Body::empty()
     } else {
         Counted::body(body.stream, state, source, log, status)

@@ -3,11 +3,11 @@
 //!
 //! What `axum::serve` does (accept, `ConnectInfo`, graceful shutdown), plus two things it
 //! cannot:
-//! - Refusals with an OCI body. hyper answers requests it refuses itself (too many headers,
-//!   header section over its buffer, unparseable request line) with a bare status and no
-//!   body. Our limits ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`]) are enforced here, where the
-//!   refusal can be a 431 with an OCI error body like every other error
-//!   ([`RegistryError::HeadersTooLarge`]).
+//! - Refusals with the application's body. hyper answers requests it refuses itself (too
+//!   many headers, header section over its buffer, unparseable request line) with a bare
+//!   status and no body. Our limits ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`]) are enforced here,
+//!   where the refusal is the caller's response ([`ServeOptions::refuse`]; the registry's is a
+//!   431 with an OCI error body like every other error).
 //! - Zero-copy blob bodies. With [`ServeOptions::sendfile`] (the default) each connection is
 //!   first read by [`super::http1`], which answers bodiless requests itself and sends content
 //!   files with `sendfile(2)`; the first request it does not handle (a request body, an
@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::{Buf, Bytes};
 use http::Request;
 use hyper::body::Incoming;
@@ -40,71 +40,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
 
-use super::RegistryError;
 use super::http1::{self, Ended};
+use super::options::{HYPER_MAX_BUF, HYPER_MAX_HEADERS, ServeOptions, check_headers};
+#[cfg(doc)]
+use super::options::{MAX_HEADER_BYTES, MAX_HEADERS};
 
-/// Most header fields a request may carry. containerd sends fewer than 10.
-pub const MAX_HEADERS: usize = 100;
-/// Most bytes of header names and values (plus `: ` and CRLF each) a request may carry.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// hyper refuses (bare 431) above this many fields; between [`MAX_HEADERS`] and this we
-/// answer ourselves.
-pub const HYPER_MAX_HEADERS: usize = 256;
-/// hyper's read buffer (its default is about 400 KiB): a request head larger than this gets
-/// hyper's bare 431. It only grows that large for a client that sends that much.
-pub const HYPER_MAX_BUF: usize = 1024 * 1024;
 /// After an accept error other than a failed connection (e.g. out of file descriptors), wait
 /// this long before accepting again instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// How a listener serves its connections (`registry.sendfile`, `registry.write_stall_timeout`,
-/// `registry.idle_timeout`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServeOptions {
-    /// Serve `GET`/`HEAD` with [`super::http1`] (blob bodies from content files with
-    /// `sendfile(2)`); `false`: hyper serves every request and streams every body.
-    pub sendfile: bool,
-    /// With `sendfile`: a response whose bytes make no progress for this long is abandoned
-    /// and its connection closed (a client that stops reading must not pin a task).
-    pub write_stall: Duration,
-    /// A connection gets this long, after it opens or after its last response, to deliver a
-    /// complete request head; then it is closed. Bounds what an idle or trickling client
-    /// (slowloris) holds: one descriptor and at most one head's buffer, for this long.
-    pub idle: Duration,
-}
-
-/// The default of `registry.write_stall_timeout`: far beyond any pause of a client that is
-/// still reading (containerd reads layers as fast as it can write them), short enough that
-/// a vanished client is noticed well before file descriptors run out.
-pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
-
-/// The default of `registry.idle_timeout`: above the idle-connection timeouts of the clients
-/// (90 s in containerd's Go `http.Transport`; 30 s in the daemons' own peer client, see
-/// `mirror.rs`), so a client normally closes its idle connection first and never sends a
-/// request into one we close.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(120);
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            sendfile: true,
-            write_stall: DEFAULT_WRITE_STALL,
-            idle: DEFAULT_IDLE,
-        }
-    }
-}
-
-/// Serves `app` with the default [`ServeOptions`]; see [`serve_with`].
-pub async fn serve<S>(listener: TcpListener, app: axum::Router, shutdown: S) -> std::io::Result<()>
-where
-    S: Future<Output = ()> + Send + 'static,
-{
-    serve_with(listener, app, ServeOptions::default(), shutdown).await
-}
-
 /// Serves `app` until `shutdown` completes; then stops accepting, lets every connection
 /// finish its current response and returns when all are closed (bound the wait outside).
-pub async fn serve_with<S>(
+pub async fn serve<S>(
     listener: TcpListener,
     app: axum::Router,
     options: ServeOptions,
@@ -154,7 +101,7 @@ where
                 read,
                 inner: stream,
             });
-            hyper_connection(&http, io, app, client, stop).await;
+            hyper_connection(&http, io, app, client, stop, options.refuse).await;
         });
     }
     drop(listener);
@@ -172,13 +119,14 @@ async fn hyper_connection(
     app: axum::Router,
     client: SocketAddr,
     mut stop: watch::Receiver<bool>,
+    refuse: fn(super::Refusal) -> Response,
 ) {
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(client));
         let app = app.clone();
         async move {
             if let Err(refused) = check_headers(req.headers()) {
-                return Ok::<Response, Infallible>(refused.into_response());
+                return Ok::<Response, Infallible>(refuse(refused));
             }
             app.oneshot(req.map(axum::body::Body::new)).await
         }
@@ -251,19 +199,6 @@ impl AsyncWrite for Rewind {
     }
 }
 
-/// Our header limits, checked before any handler runs.
-pub fn check_headers(headers: &http::HeaderMap) -> Result<(), RegistryError> {
-    let count = headers.len();
-    let bytes: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
-    if count > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
-        return Err(RegistryError::HeadersTooLarge);
-    }
-    Ok(())
-}
-
 /// Errors of one connection that say nothing about the listener (as hyper-util and axum
 /// treat them).
 fn is_connection_error(e: &std::io::Error) -> bool {
@@ -273,43 +208,4 @@ fn is_connection_error(e: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::ConnectionReset
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_limits() {
-        let many = |n: usize, value: &str| {
-            let mut h = http::HeaderMap::new();
-            for i in 0..n {
-                if let (Ok(k), Ok(v)) = (
-                    http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()),
-                    http::HeaderValue::from_str(value),
-                ) {
-                    h.insert(k, v);
-                }
-            }
-            h
-        };
-        let cases = [
-            ("containerd-like", many(8, "v"), true),
-            ("at the count limit", many(MAX_HEADERS, "v"), true),
-            ("one over the count", many(MAX_HEADERS + 1, "v"), false),
-            (
-                "one big value",
-                many(1, &"a".repeat(MAX_HEADER_BYTES)),
-                false,
-            ),
-            (
-                "just under the bytes",
-                many(1, &"a".repeat(MAX_HEADER_BYTES - 8)),
-                true,
-            ),
-        ];
-        for (name, headers, ok) in cases {
-            assert_eq!(check_headers(&headers).is_ok(), ok, "{name}");
-        }
-    }
 }

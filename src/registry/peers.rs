@@ -1,4 +1,4 @@
-//! Fetching from peers when the local store misses: look up who holds the key, try up to
+//! The peers responder, one job: fetch from peers when the local store misses: look up who holds the key, try up to
 //! `attempts` peers, and stream the first good answer back. A blob stream that breaks is
 //! resumed from another peer with `Range`, so the client still receives one whole, correct
 //! body. Manifests are small: they are buffered, checked against their digest and bounded by
@@ -15,101 +15,27 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use http::{StatusCode, header};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::resume::{ByteStream, Reopen, resumable};
-use super::serve::{AccessLog, Counted, DOCKER_CONTENT_DIGEST, header_str};
+use super::access_log::AccessLog;
+use super::body::{Counted, content_head};
+use super::config::MirrorConfig;
+use super::metrics::{RegistryMetrics, Source};
 use super::tags::TagResolver;
-use super::{HOP_HEADER, PullRequest, RegistryError, RegistryState};
-use crate::metrics::{Metrics, PeerFailureLabels, Source};
+use super::{PullRequest, RegistryError, RegistryState};
+use crate::oci::range::parse_content_range;
 use crate::oci::{Digest, Kind, Target, media};
-use crate::policy::TagResolution;
 use crate::routing::{Peer, Router};
-
-/// Settings of the peer mirror path (the `registry:` config section holds them).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MirrorConfig {
-    /// How long to wait for the lookup to find a first (and each further) peer of a
-    /// manifest: every pull starts with one, so a miss must go upstream at once.
-    #[serde(with = "humantime_serde")]
-    pub resolve_timeout: Duration,
-    /// The same wait for a blob. Longer, because the two mistakes cost differently: waiting
-    /// costs at most this once per layer, while giving up too early sends a whole layer
-    /// through the upstream link. A lookup that ends (nobody has it) answers at once either
-    /// way; only a slow walk (a busy node, many lookups at once) waits longer.
-    #[serde(with = "humantime_serde")]
-    pub blob_resolve_timeout: Duration,
-    /// How many peers to try for one request (also the resume budget of a blob stream).
-    pub attempts: usize,
-    /// Overall time limit for fetching a manifest from peers.
-    #[serde(with = "humantime_serde")]
-    pub manifest_deadline: Duration,
-    /// TCP connect timeout towards a peer.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// A peer that sends nothing for this long is treated as broken (the stream resumes
-    /// elsewhere). Blobs have no overall deadline: a large layer may take minutes.
-    #[serde(with = "humantime_serde")]
-    pub read_timeout: Duration,
-    /// Who names a tag's digest: `upstream-first` (one anonymous `HEAD` upstream; the cluster
-    /// only when upstream cannot answer) or `cluster-first` (the tags the nodes hold). The
-    /// policy's `tag_resolution` overrides it per image ([`super::tags`]).
-    pub tag_resolution: TagResolution,
-    /// The whole budget of that upstream `HEAD` (token included); past it the cluster answers.
-    /// Every tag pull waits at most this long when upstream is silent.
-    #[serde(with = "humantime_serde")]
-    pub tag_upstream_timeout: Duration,
-}
-
-impl Default for MirrorConfig {
-    fn default() -> Self {
-        MirrorConfig {
-            resolve_timeout: Duration::from_millis(20),
-            blob_resolve_timeout: Duration::from_millis(250),
-            attempts: 3,
-            manifest_deadline: Duration::from_secs(5),
-            connect_timeout: Duration::from_millis(500),
-            read_timeout: Duration::from_secs(10),
-            tag_resolution: TagResolution::UpstreamFirst,
-            tag_upstream_timeout: Duration::from_millis(1500),
-        }
-    }
-}
-
-impl MirrorConfig {
-    pub fn validate(&self) -> Vec<String> {
-        let mut errors = Vec::new();
-        if self.attempts == 0 || self.attempts > 32 {
-            errors.push("registry.attempts must be between 1 and 32".to_owned());
-        }
-        for (name, d) in [
-            ("resolve_timeout", self.resolve_timeout),
-            ("blob_resolve_timeout", self.blob_resolve_timeout),
-            ("manifest_deadline", self.manifest_deadline),
-            ("connect_timeout", self.connect_timeout),
-            ("read_timeout", self.read_timeout),
-        ] {
-            if d.is_zero() {
-                errors.push(format!("registry.{name} must be greater than zero"));
-            }
-        }
-        if self.tag_upstream_timeout < Duration::from_millis(10)
-            || self.tag_upstream_timeout > Duration::from_secs(30)
-        {
-            errors.push("mirror.tag_upstream_timeout must be between 10ms and 30s".to_owned());
-        }
-        errors
-    }
-}
+use crate::wire::{
+    ByteStream, DOCKER_CONTENT_DIGEST, PeerClient, Reopen, header_str, io_stream, resumable,
+};
 
 /// The peer mirror: a router to find peers and an HTTP client to fetch from them.
 pub struct Mirror {
     router: Arc<dyn Router>,
-    client: reqwest::Client,
+    client: PeerClient,
     config: MirrorConfig,
-    metrics: Metrics,
+    metrics: RegistryMetrics,
     /// Asks upstream which digest a tag names; `None`: every tag resolves through the cluster.
     tags: Option<TagResolver>,
 }
@@ -118,25 +44,31 @@ pub struct Mirror {
 type Failure = &'static str;
 
 impl Mirror {
+    /// A mirror with a peer client of its own, built from `config`'s timeouts.
     pub fn new(
         router: Arc<dyn Router>,
         config: MirrorConfig,
-        metrics: Metrics,
+        metrics: RegistryMetrics,
     ) -> Result<Mirror, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            // Peer traffic stays inside the cluster: never through an HTTP(S)_PROXY.
-            .no_proxy()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()?;
-        Ok(Mirror {
+        let client = PeerClient::new(config.connect_timeout, config.read_timeout)?;
+        Ok(Mirror::with_client(router, config, metrics, client))
+    }
+
+    /// A mirror fetching through `client` (the daemon's one peer client, shared with the
+    /// coalescer).
+    pub fn with_client(
+        router: Arc<dyn Router>,
+        config: MirrorConfig,
+        metrics: RegistryMetrics,
+        client: PeerClient,
+    ) -> Mirror {
+        Mirror {
             router,
             client,
             config,
             metrics,
             tags: None,
-        })
+        }
     }
 
     /// Resolves tags with `resolver` (`upstream-first`); without one (the default of
@@ -178,9 +110,7 @@ impl Mirror {
                 break;
             };
             if attempt == 0 {
-                self.metrics
-                    .lookup_duration
-                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.first_peer(started.elapsed());
             }
             let result = match req.path.kind {
                 Kind::Manifest => {
@@ -199,7 +129,7 @@ impl Mirror {
                 Ok(Fetched::Whole(builder, bytes)) => {
                     let status = builder.status_code();
                     let body = if req.head {
-                        log.finish(status, 0, "peer");
+                        log.finish(status, 0, Some(Source::Peer));
                         Body::empty()
                     } else {
                         let stream = futures::stream::iter([Ok(bytes)]).boxed();
@@ -229,24 +159,18 @@ impl Mirror {
     }
 
     fn failed(&self, peer: &Peer, reason: Failure) {
-        self.metrics
-            .peer_failures
-            .get_or_create(&PeerFailureLabels { reason })
-            .inc();
+        self.metrics.peer_failed(reason);
         tracing::debug!(peer.id = %peer.id, peer.addr = %peer.addr, reason, "peer attempt failed");
     }
 
     fn request(&self, peer: &Peer, req: &PullRequest) -> reqwest::RequestBuilder {
-        let url = format!("http://{}{}", peer.addr, req.peer_path());
         let method = if req.head {
             reqwest::Method::HEAD
         } else {
             reqwest::Method::GET
         };
         self.client
-            .request(method, url)
-            .header(HOP_HEADER, "1")
-            .headers(req.peer_headers.clone())
+            .request(method, peer.addr, &req.peer_path(), &req.peer_headers)
     }
 
     /// A manifest from one peer: buffered whole and checked against its digest.
@@ -365,15 +289,6 @@ impl Mirror {
     }
 }
 
-/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
-fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (s, e) = range.split_once('-')?;
-    let (start, end): (u64, u64) = (s.parse().ok()?, e.parse().ok()?);
-    (end >= start).then_some((start, end, total.parse().ok()))
-}
-
 /// A successful peer answer: headers plus a whole body or a stream.
 enum Fetched {
     Whole(Headers, Bytes),
@@ -411,18 +326,18 @@ impl Headers {
         self.status
     }
 
+    /// The client's response: the same content headers as a local or cache response
+    /// ([`content_head`], `ETag` included).
     fn into_response(self, body: Body) -> Response {
-        let mut b = Response::builder()
-            .status(self.status)
-            .header(header::CONTENT_TYPE, self.content_type)
-            .header(header::CONTENT_LENGTH, self.length)
-            .header(DOCKER_CONTENT_DIGEST, &self.digest)
-            .header(header::ACCEPT_RANGES, "bytes");
-        if let Some(cr) = self.content_range {
-            b = b.header(header::CONTENT_RANGE, cr);
-        }
-        b.body(body)
-            .unwrap_or_else(|_| Response::new(Body::empty()))
+        content_head(
+            self.status,
+            &self.content_type,
+            &self.digest,
+            self.length,
+            self.content_range,
+        )
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Body::empty()))
     }
 }
 
@@ -469,12 +384,12 @@ impl PeerQueue {
 /// Where a broken peer blob stream continues: the lookup's further peers, `budget` of them.
 struct FromPeers {
     peers: PeerQueue,
-    client: reqwest::Client,
+    client: PeerClient,
     path: String,
     /// Peer token and grants, sent again on every resume.
     headers: http::HeaderMap,
     budget: usize,
-    metrics: Metrics,
+    metrics: RegistryMetrics,
 }
 
 impl Reopen for FromPeers {
@@ -484,23 +399,12 @@ impl Reopen for FromPeers {
             let Some(peer) = self.peers.next().await else {
                 break;
             };
-            let resp = self
+            if let Some(resp) = self
                 .client
-                .get(format!("http://{}{}", peer.addr, self.path))
-                .header(HOP_HEADER, "1")
-                .headers(self.headers.clone())
-                .header(header::RANGE, format!("bytes={next}-{end}"))
-                .send()
-                .await;
-            let Ok(resp) = resp else {
-                continue;
-            };
-            let starts_right = resp.status() == StatusCode::PARTIAL_CONTENT
-                && header_str(resp.headers(), header::CONTENT_RANGE)
-                    .and_then(parse_content_range)
-                    .is_some_and(|(start, _, _)| start == next);
-            if starts_right {
-                self.metrics.resumes.inc();
+                .reopen_at(peer.addr, &self.path, &self.headers, next, end)
+                .await
+            {
+                self.metrics.resumed();
                 tracing::info!(peer.id = %peer.id, offset = next, "resumed blob from another peer");
                 return Ok(io_stream(resp.bytes_stream()));
             }
@@ -508,31 +412,5 @@ impl Reopen for FromPeers {
         Err(std::io::Error::other(
             "peer stream broke and no other peer could resume it",
         ))
-    }
-}
-
-/// A reqwest body as a response body stream.
-pub(crate) fn io_stream(
-    s: impl futures::Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
-) -> ByteStream {
-    s.map(|r| r.map_err(std::io::Error::other)).boxed()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_range_table() {
-        let cases = [
-            ("bytes 0-9/10", Some((0, 9, Some(10)))),
-            ("bytes 5-5/*", Some((5, 5, None))),
-            ("bytes 9-5/10", None),
-            ("bytes */10", None),
-            ("items 0-1/2", None),
-        ];
-        for (input, want) in cases {
-            assert_eq!(parse_content_range(input), want, "{input}");
-        }
     }
 }

@@ -1,7 +1,7 @@
 //! Our own HTTP/1.1 server side for requests without a body (`GET` and `HEAD`): read and
 //! parse the request head, call the app, write the response. Its reason to exist is the one
 //! thing hyper cannot do: send a blob body straight from its content file with `sendfile(2)`
-//! (a response carrying a [`FileBody`], see [`super::serve`]), so the bytes go from the page
+//! (a response carrying a [`FileBody`], see [`super::file_body`]), so the bytes go from the page
 //! cache to the socket without being copied through user space.
 //!
 //! It leaves to hyper everything else: a request with a body, an upgrade, `Expect`, HTTP/1.0,
@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::BodyExt as _;
@@ -41,9 +41,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
-use super::RegistryError;
-use super::listen::{MAX_HEADER_BYTES, MAX_HEADERS, ServeOptions, check_headers};
-use super::serve::{FileBody, FileSend};
+use super::file_body::{FileBody, FileSend};
+use super::options::{MAX_HEADER_BYTES, MAX_HEADERS, Refusal, ServeOptions, check_headers};
 
 /// Most bytes of a request line (method, target, version). containerd's longest are a few
 /// hundred bytes; a longer head is refused with 431 before it is parsed further.
@@ -112,7 +111,7 @@ pub(super) async fn serve(
                 match parse(&buf) {
                     Ok(Some(p)) => break Ok(p),
                     Ok(None) if buf.len() >= MAX_HEAD_BYTES => {
-                        break Err(RegistryError::HeadersTooLarge);
+                        break Err(Refusal::HeadersTooLarge);
                     }
                     Ok(None) => {}
                     Err(e) => break Err(e),
@@ -143,8 +142,9 @@ pub(super) async fn serve(
             Err(refused) => {
                 tracing::debug!(client.addr = %client, error = %refused, "request head refused");
                 // Where this request ends is unknown, so the connection cannot go on.
-                let _ = write_response(stream, refused.into_response(), false, false, write_stall)
-                    .await;
+                let _ =
+                    write_response(stream, (options.refuse)(refused), false, false, write_stall)
+                        .await;
                 linger(stream).await;
                 return Ended::Closed;
             }
@@ -152,7 +152,7 @@ pub(super) async fn serve(
         buf.advance(head_len);
         let head_only = request.method() == Method::HEAD;
         let response = match check_headers(request.headers()) {
-            Err(refused) => refused.into_response(),
+            Err(refused) => (options.refuse)(refused),
             Ok(()) => {
                 let mut request = request;
                 request.extensions_mut().insert(ConnectInfo(client));
@@ -180,18 +180,18 @@ pub(super) async fn serve(
 
 /// Parses the head at the start of `buf`: `Ok(None)` while it is incomplete, an error for a
 /// head we refuse (the connection then closes).
-fn parse(buf: &[u8]) -> Result<Option<Parsed>, RegistryError> {
+fn parse(buf: &[u8]) -> Result<Option<Parsed>, Refusal> {
     // One slot more would be over the limit: httparse reports that as TooManyHeaders.
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(RegistryError::HeadersTooLarge),
-        Err(e) => return Err(RegistryError::Malformed(parse_error(e))),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadersTooLarge),
+        Err(e) => return Err(Refusal::Malformed(parse_error(e))),
     };
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Err(RegistryError::Malformed("incomplete request line"));
+        return Err(Refusal::Malformed("incomplete request line"));
     };
     // HTTP/1.0 has other keep-alive and framing rules: hyper knows them.
     if version != 1 {
@@ -204,14 +204,14 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, RegistryError> {
     };
     let uri: http::Uri = target
         .parse()
-        .map_err(|_| RegistryError::Malformed("invalid request target"))?;
+        .map_err(|_| Refusal::Malformed("invalid request target"))?;
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut keep_alive = true;
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| RegistryError::Malformed("invalid header name"))?;
+            .map_err(|_| Refusal::Malformed("invalid header name"))?;
         let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| RegistryError::Malformed("invalid header value"))?;
+            .map_err(|_| Refusal::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
     for value in headers.get_all(header::CONNECTION) {

@@ -27,10 +27,11 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-use super::Router;
 use crate::cache::Cache;
-use crate::metrics::Metrics;
+use crate::policy::Advert;
 use crate::readiness::Readiness;
+use crate::routing::Router;
+use crate::routing::metrics::RoutingMetrics;
 use crate::shutdown::Shutdown;
 use crate::store::{Image, Store, StoreError, StoreEvent, closure};
 
@@ -71,15 +72,6 @@ impl SyncConfig {
 /// Decides whether an image may be advertised (the policy hook; everything by default).
 pub type ImageFilter = Arc<dyn Fn(&Image) -> bool + Send + Sync>;
 
-/// What may be announced of one image: its content (every digest of its closure) and its tag
-/// key. A tag the cluster must not resolve (`resolveLatestTag=false`, say) is not announced,
-/// while its content still is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Advert {
-    pub content: bool,
-    pub tag: bool,
-}
-
 /// The richer policy hook: decides per image what of it is advertised.
 pub type AdvertFilter = Arc<dyn Fn(&Image) -> Advert + Send + Sync>;
 
@@ -89,7 +81,7 @@ pub struct Advertiser {
     router: Arc<dyn Router>,
     config: SyncConfig,
     filter: AdvertFilter,
-    metrics: Metrics,
+    metrics: RoutingMetrics,
     readiness: Readiness,
     advertised: BTreeSet<String>,
     cache: Option<Arc<Cache>>,
@@ -108,7 +100,7 @@ impl Advertiser {
         store: Arc<dyn Store>,
         router: Arc<dyn Router>,
         config: SyncConfig,
-        metrics: Metrics,
+        metrics: RoutingMetrics,
         readiness: Readiness,
     ) -> Advertiser {
         readiness.block(READINESS_PART, "first reconcile pending");
@@ -253,9 +245,7 @@ impl Advertiser {
             Ok(()) => {
                 self.advertised.insert(key.clone());
                 self.early.insert(key, tokio::time::Instant::now());
-                self.metrics
-                    .advertised_keys
-                    .set(self.advertised.len() as i64);
+                self.metrics.advertised_keys(self.advertised.len());
                 tracing::debug!(digest = %digest, "advertised on its content event");
             }
             Err(e) => tracing::warn!(error = %e, digest = %digest, "advertise failed"),
@@ -293,9 +283,7 @@ impl Advertiser {
                 Err(e) => tracing::warn!(error = %e, "withdraw failed"),
             }
         }
-        self.metrics
-            .advertised_keys
-            .set(self.advertised.len() as i64);
+        self.metrics.advertised_keys(self.advertised.len());
         if !add.is_empty() || !remove.is_empty() {
             tracing::info!(
                 added = add.len(),
@@ -361,7 +349,7 @@ impl Advertiser {
         if let Err(e) = self.router.withdraw(all).await {
             tracing::warn!(error = %e, "withdrawing on shutdown failed");
         }
-        self.metrics.advertised_keys.set(0);
+        self.metrics.advertised_keys(0);
         tracing::info!(keys = n, "withdrew all advertisements");
     }
 }
