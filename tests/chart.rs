@@ -11,13 +11,11 @@
 //! real binary, the chart's MutatingWebhookConfiguration used by the running webhook) is in
 //! `webhook/tests/chart.rs`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::helm::{self, find, name};
 use serde_json::{Value, json};
+use testkit::helm::{self, find, name};
 
 /// Config keys other work adds (routing.psk_file, the tenancy and cache sections). Until the
 /// binary knows them, their features are switched off for the config validation; afterwards
@@ -629,7 +627,7 @@ fn init_container_configures_and_the_hook_cleans_up() {
 async fn manifests_apply_to_a_real_api_server_with_dry_run() {
     use kube::api::{Api, DynamicObject, Patch, PatchParams};
     use kube::discovery::{Scope, pinned_kind};
-    if common::k8s::skip() {
+    if testkit::k8s::skip() {
         return;
     }
     let Some(helm) = helm::helm() else { return };
@@ -653,9 +651,9 @@ async fn manifests_apply_to_a_real_api_server_with_dry_run() {
             o["metadata"]["name"] != name("config") && o["metadata"]["name"] != name("policy")
         }),
     );
-    let cp = common::k8s::ControlPlane::start().await;
+    let cp = testkit::k8s::ControlPlane::start().await;
     let client = cp.client().await;
-    common::k8s::namespace(&client, helm::NAMESPACE, &[]).await;
+    testkit::k8s::namespace(&client, helm::NAMESPACE, &[]).await;
     let pp = PatchParams::apply("chart-test").dry_run();
     let mut applied = Vec::new();
     for obj in &objects {
@@ -691,13 +689,13 @@ async fn manifests_apply_to_a_real_api_server_with_dry_run() {
 async fn upgrade_keeps_generated_secrets_and_published_keys() {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     use kube::api::{Api, Patch, PatchParams};
-    if common::k8s::skip() {
+    if testkit::k8s::skip() {
         return;
     }
     let Some(h) = helm::helm() else { return };
-    let cp = common::k8s::ControlPlane::start().await;
+    let cp = testkit::k8s::ControlPlane::start().await;
     let client = cp.client().await;
-    common::k8s::namespace(&client, helm::NAMESPACE, &[]).await;
+    testkit::k8s::namespace(&client, helm::NAMESPACE, &[]).await;
     let kubeconfig = cp.kubeconfig().display().to_string();
     let helm_cmd = |verb: &str| -> Vec<String> {
         [

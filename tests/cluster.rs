@@ -18,12 +18,10 @@
 //!
 //! The tests share one rig (the namespace names are fixed), so they run one at a time.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::rig::*;
+use testkit::rig::*;
 
 // Names from src/metrics.rs (registry prefix `speculum`, counters get `_total`).
 /// Bytes a daemon's mirror endpoint sent to its containerd that came from another node.

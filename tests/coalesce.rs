@@ -12,13 +12,11 @@
 //! `SPECULUM_BIN`, `RIG_COALESCE_KILL_RATE` (upstream link rate during the kill test, default
 //! 100mbit). Shares the machine-wide rig lock with tests/cluster.rs.
 
-mod common;
-
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::rig::*;
+use testkit::rig::*;
 
 const NODES: u32 = 4;
 /// The longest one pull may take (a big layer over a 100 Mbit upstream on 2 shared cores).
@@ -224,7 +222,7 @@ fn start_rig(test: &str, images: &[&str], env: &[(&str, &str)]) -> Result<Option
     Rig::start_with(test, images, &all)
 }
 
-/// What this file adds to the shared rig driver (`tests/common/rig.rs`): every node at once.
+/// What this file adds to the shared rig driver (`testkit/src/rig.rs`): every node at once.
 trait Cluster {
     fn start_all(&self) -> Result<()>;
     fn pull_everywhere(&self, image: &Image, env: &[(&str, &str)]) -> Result<()>;

@@ -7,16 +7,14 @@
 //!
 //! Needs root and a containerd of the matrix (`RIG_CONTAINERD`, as the store conformance test).
 
-mod common;
-
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::containerd::{Containerd, CriOptions, Options};
-use common::daemon::Daemon;
 use speculum::oci::Digest;
 use speculum::store::conformance::{Fixture, Seeder, pseudo_random};
+use testkit::containerd::{Containerd, CriOptions, Options};
+use testkit::daemon::Daemon;
 
 const BIG: usize = 96 * 1024 * 1024;
 

@@ -1,4 +1,4 @@
-//! The Kubernetes E2E tier's control plane itself (tests/k8s/, tests/common/k8s.rs): what later
+//! The Kubernetes E2E tier's control plane itself (tests/k8s/, testkit/src/k8s.rs): what later
 //! tests of the node pod index and projected-token peer authentication rely on, checked against
 //! the real kube-apiserver + etcd. Pods bound by `spec.nodeName` are listed by a field selector
 //! with no scheduler or kubelet; projected ServiceAccount tokens are issued for an audience, are
@@ -7,14 +7,12 @@
 //!
 //! Skipped with a message when not root or when `SPECULUM_SKIP_K8S=1`.
 
-mod common;
-
 use base64::Engine as _;
-use common::k8s;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenReview};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
+use testkit::k8s;
 
 async fn get_json(client: &kube::Client, path: &str) -> Value {
     let req = http::Request::get(path).body(Vec::new()).expect("request");

@@ -8,16 +8,14 @@
 //! the order matters (uninstall is last). Never skipped: without root or a tool it fails.
 //! `SPECULUM_SKIP_CLUSTER=1` skips it loudly (`make test` runs it on its own first).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::cluster::*;
-use common::rig::Series;
 use serde_json::{Value, json};
+use testkit::cluster::*;
+use testkit::rig::Series;
 
 /// Bytes a daemon's mirror endpoint sent its containerd that came from another node.
 const PEER_BYTES: Series = Series {
@@ -43,7 +41,7 @@ const PULL_WAIT: Duration = Duration::from_secs(300);
 #[test]
 fn cluster_scenarios() -> Result<()> {
     if std::env::var("SPECULUM_SKIP_CLUSTER").as_deref() == Ok("1") {
-        common::rig::skip(
+        testkit::rig::skip(
             "cluster_scenarios",
             "SPECULUM_SKIP_CLUSTER=1 (make test runs it on its own)",
         );
@@ -1115,8 +1113,8 @@ impl Snapshot {
         for n in 1..=c.nodes()? {
             // No daemon (before install, after uninstall): nothing came from peers.
             let text = c.metrics(n).unwrap_or_default();
-            peer.insert(n, common::rig::sum_series(&text, &PEER_BYTES));
-            served.insert(n, common::rig::sum_series(&text, &SERVED_TO_PEERS));
+            peer.insert(n, testkit::rig::sum_series(&text, &PEER_BYTES));
+            served.insert(n, testkit::rig::sum_series(&text, &SERVED_TO_PEERS));
         }
         Ok(Snapshot {
             peer,

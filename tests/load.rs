@@ -10,18 +10,16 @@
 //! Run: `make load` (prints the numbers) or `cargo test --test load -- --nocapture`.
 //! `SPECULUM_LOAD_REPORT=<file>` appends the result as one JSON line.
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::containerd::Containerd;
-use common::daemon::Daemon;
 use speculum::oci::Digest;
 use speculum::store::conformance::{Fixture, Seeder, pseudo_random};
+use testkit::containerd::Containerd;
+use testkit::daemon::Daemon;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

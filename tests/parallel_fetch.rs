@@ -14,12 +14,10 @@
 //! Knobs: `RIG_BIG_MB` (the big layer, default 200), `RIG_FETCH_CHUNK` (bytes per range,
 //! default 8 MiB).
 
-mod common;
-
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use common::rig::*;
+use testkit::rig::*;
 
 /// Ranged blob responses a daemon's mirror endpoint sent to its containerd.
 const MIRROR_RANGES: Series = Series {

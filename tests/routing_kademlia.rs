@@ -6,8 +6,6 @@
 //! bootstrap retries. Every wait is a bounded poll; measured times are printed
 //! (`cargo test --test routing_kademlia -- --nocapture`).
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -19,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use common::dht::{lookup_all, poll};
+use testkit::dht::{lookup_all, poll};
 use tokio::time::Instant;
 
 /// The registry port every test node reports; nothing listens there, lookups only name it.

@@ -4,8 +4,6 @@
 //! found as) a provider. Plus the key file parser as the config sees it, and
 //! `speculum psk generate`. Every wait is a bounded poll on an observable event.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use speculum::routing::kademlia::{self, KademliaConfig, KademliaRouter};
 use speculum::routing::psk;
 use tokio::sync::oneshot;
 
-use common::dht::{lookup_all, poll};
+use testkit::dht::{lookup_all, poll};
 
 const REGISTRY_PORT: u16 = 5999;
 const KEY_A: &str = "4f0a8c3e2b1d5f6a7e9c0b2d4f6a8c0e1b3d5f7a9c2e4b6d8f0a1c3e5b7d9f2a";

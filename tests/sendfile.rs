@@ -7,14 +7,11 @@
 //!
 //! Needs `/usr/bin/containerd` and `ctr`, and root. Run: `cargo test --test sendfile`.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::containerd::Containerd;
 use sha2::{Digest as _, Sha256};
 use speculum::audit::AuditRecord;
 use speculum::audit::memory::MemorySink;
@@ -24,6 +21,7 @@ use speculum::readiness::Readiness;
 use speculum::registry::listen::{self, ServeOptions};
 use speculum::registry::{self, Guard, RegistryState, TenancyGuard};
 use speculum::store::containerd::{ContainerdConfig, ContainerdStore};
+use testkit::containerd::Containerd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 

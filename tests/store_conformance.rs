@@ -8,17 +8,15 @@
 //! file once per line. Needs root (containerd's root directory and snapshotters).
 //! Run: `RIG_CONTAINERD=1.7 cargo test --test store_conformance`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::containerd::{Containerd, CriOptions, Options};
 use futures::{StreamExt, TryStreamExt};
 use speculum::oci::{ByteRange, Digest};
 use speculum::store::conformance::{self, Fixture, Seeder};
 use speculum::store::containerd::{ContainerdConfig, ContainerdStore};
 use speculum::store::{Store, StoreError, StoreEvent};
+use testkit::containerd::{Containerd, CriOptions, Options};
 
 /// "Quickly" for a down containerd: a refused or missing socket fails at once, so anything
 /// near this bound means the store waited on something it should not have.

@@ -26,24 +26,11 @@ use speculum::registry::{self, Guard, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
-use tokio::net::TcpListener;
+use testkit::peers::{silent_peer, spawn, unreachable_peer};
 
 const ACCEPT: &str =
     "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
 const TIMEOUT: Duration = Duration::from_millis(400);
-
-async fn spawn(app: axum::Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
-    addr
-}
 
 /// How a fake upstream registry answers `HEAD /v2/<repo>/manifests/<tag>`.
 #[derive(Clone, Debug)]
@@ -155,21 +142,8 @@ async fn upstream_handler(
 async fn upstream(up: Up) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     match up {
-        Up::Silent => {
-            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = l.local_addr().expect("addr");
-            tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((s, _)) = l.accept().await {
-                    held.push(s);
-                }
-            });
-            (addr, seen)
-        }
-        Up::Unreachable => {
-            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            (l.local_addr().expect("addr"), seen)
-        }
+        Up::Silent => (silent_peer().await, seen),
+        Up::Unreachable => (unreachable_peer().await, seen),
         up => {
             let state = Upstream {
                 up,

@@ -12,15 +12,13 @@
 //!
 //! Needs root; skips (saying why on stderr) otherwise or with `SPECULUM_SKIP_RIG=1`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::rig::*;
 use speculum::tenancy::peer_auth::{PeerTokens, SharedKey};
 use speculum_grant::Signer;
+use testkit::rig::*;
 
 /// The serving node (holds every image), the granted requester, the other node.
 const SERVER: u32 = 1;

@@ -1,5 +1,5 @@
 //! The Kubernetes-backed tenancy parts against a real kube-apiserver + etcd
-//! (tests/common/k8s.rs): the pod conformance suite on [`KubePods`] (a watcher with a
+//! (testkit/src/k8s.rs): the pod conformance suite on [`KubePods`] (a watcher with a
 //! `spec.nodeName` field selector, pods created with `spec.nodeName` set, no kubelet), and
 //! [`JwksVerifier`] on tokens the API server issues through the TokenRequest API, bound to a
 //! pod, plus forged, expired, wrong-issuer, wrong-audience and wrong-ServiceAccount tokens.
@@ -7,15 +7,12 @@
 //! Skipped with a message when not root or when `SPECULUM_SKIP_K8S=1`.
 //! Run: `cargo test -p speculum --test tenancy_kube`.
 
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use common::k8s;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -23,6 +20,7 @@ use serde_json::{Value, json};
 use speculum::tenancy::peer_auth::{JwksVerifier, PeerVerifier};
 use speculum::tenancy::pods::conformance::{self, Driver, DriverError, Timing};
 use speculum::tenancy::pods::{GRANTS_ANNOTATION, KubePods, PodInfo, Pods};
+use testkit::k8s;
 
 /// Creates, finishes and deletes pods through the API server.
 struct KubeDriver(kube::Client);

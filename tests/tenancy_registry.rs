@@ -21,24 +21,11 @@ use speculum::tenancy::grants::{GrantChecker, GrantKeys};
 use speculum::tenancy::peer_auth::{PeerTokens, PeerVerifier, SharedKey};
 use speculum::tenancy::pods::{MemoryPods, PodInfo, Pods};
 use speculum_grant::{KeySet, Signer};
-use tokio::net::TcpListener;
+use testkit::peers::spawn;
 
 const REG: &str = "127.0.0.1:5000";
 const NS: &str = "127.0.0.1%3A5000";
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-cluster";
-
-async fn spawn(app: axum::Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
-    addr
-}
 
 /// A policy that marks everything private (and allows it once a grant passed).
 fn private_gate() -> Gate {

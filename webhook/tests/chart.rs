@@ -5,28 +5,21 @@
 //! configuration, pointed at a `speculum-webhook serve` on 127.0.0.1, pins a Pod created in an
 //! opted-in namespace and leaves a namespace without the label alone.
 //!
-//! helm: see `tests/common/helm.rs` (skips without it unless `CI=true`); the API server part
+//! helm: see `testkit::helm` (skips without it unless `CI=true`); the API server part
 //! skips like the rest of the Kubernetes tier (not root, `SPECULUM_SKIP_K8S=1`).
-
-mod common;
-#[path = "../../tests/common/helm.rs"]
-#[allow(dead_code)]
-mod helm;
-#[path = "../../tests/common/k8s.rs"]
-#[allow(dead_code)]
-mod k8s;
 
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Auth, Registry};
-use helm::{find, name};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
+use testkit::helm::{find, name};
+use testkit::registries::{Auth, Registry};
+use testkit::{helm, k8s};
 
 const BIN: &str = env!("CARGO_BIN_EXE_speculum-webhook");
 

@@ -3,13 +3,10 @@
 //! serves) over a real socket, backed by the store twin holding what a node pulled. The
 //! upstream is a real distribution registry that the test stops.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Auth, Registry};
 use speculum::metrics::{Handler, Metrics as DaemonMetrics};
 use speculum::readiness::Readiness;
 use speculum::registry::{RegistryState, app};
@@ -17,6 +14,7 @@ use speculum::store::memory::MemoryStore;
 use speculum_webhook::credentials::Keychain;
 use speculum_webhook::metrics::Metrics;
 use speculum_webhook::resolve::{RegistryOptions, ResolveError, Resolver, ResolverConfig, Source};
+use testkit::registries::{Auth, Registry};
 
 /// Fetches a manifest's bytes from the (still running) upstream, as a node's pull would have.
 async fn manifest_bytes(host: &str, repo: &str, digest: &str) -> Vec<u8> {
@@ -24,7 +22,11 @@ async fn manifest_bytes(host: &str, repo: &str, digest: &str) -> Vec<u8> {
         .get(format!("http://{host}/v2/{repo}/manifests/{digest}"))
         .header(
             "accept",
-            format!("{},{}", common::OCI_MANIFEST, common::OCI_INDEX),
+            format!(
+                "{},{}",
+                testkit::registries::OCI_MANIFEST,
+                testkit::registries::OCI_INDEX
+            ),
         )
         .send()
         .await

@@ -6,19 +6,13 @@
 //! with a real pull secret for an htpasswd registry, and leaves an opted-out namespace alone.
 //!
 //! Skipped with a message when not root or when `SPECULUM_SKIP_K8S=1`. The control plane
-//! helper is shared with the root crate's tests by `#[path]` (tests/common/k8s.rs).
-
-mod common;
-#[path = "../../tests/common/k8s.rs"]
-#[allow(dead_code)]
-mod k8s;
+//! helper is `testkit::k8s`, shared with the root crate's tests.
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{Auth, Registry};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -30,6 +24,8 @@ use speculum_webhook::certs::{self, KubeCertManager, WebhookConfig};
 use speculum_webhook::credentials::{
     CredentialSource, DOCKER_CONFIG_JSON, KubeCredentials, keychain_for,
 };
+use testkit::k8s;
+use testkit::registries::{Auth, Registry};
 
 fn docker_config(registry: &str, user: &str, pass: &str) -> Vec<u8> {
     json!({"auths": {registry: {"username": user, "password": pass}}})

@@ -1,13 +1,10 @@
 //! Measurements, not assertions: `cargo test -p speculum-webhook --test measure -- --ignored
 //! --nocapture`. Bounded loops against a local registry on 127.0.0.1.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{Auth, Registry};
 use serde_json::{Value, json};
 use speculum_webhook::admit::{Admitter, FailurePolicy};
 use speculum_webhook::audit::MemoryAudit;
@@ -17,6 +14,7 @@ use speculum_webhook::metrics::Metrics;
 use speculum_webhook::policy::{Input, Policy, RegoPolicy, StaticPolicy};
 use speculum_webhook::resolve::{RegistryOptions, Resolver, ResolverConfig};
 use speculum_webhook::server::{self, Readiness};
+use testkit::registries::{Auth, Registry};
 
 fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
     v.sort();

@@ -2,12 +2,10 @@
 //! multi-document YAML keeps its comments and untouched documents byte for byte, flow-style
 //! documents are re-serialised, and `--strict` fails on images that cannot be pinned.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{Auth, Registry};
+use testkit::registries::{Auth, Registry};
 
 fn config(dir: &std::path::Path, host: &str) -> std::path::PathBuf {
     let path = dir.join("config.yaml");

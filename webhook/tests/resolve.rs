@@ -3,15 +3,13 @@
 //! under a cached credential, failures that must not be cached, and the cluster fallback
 //! when the registry is down.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Auth, Registry};
 use speculum_webhook::credentials::{Keychain, MemoryCredentials, keychain_for};
 use speculum_webhook::metrics::Metrics;
 use speculum_webhook::resolve::{RegistryOptions, ResolveError, Resolver, ResolverConfig, Source};
+use testkit::registries::{Auth, Registry};
 
 fn resolver(insecure: &[&str], cluster: &[String]) -> (Resolver, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());

@@ -2,13 +2,10 @@
 //! real registries behind (an open one, an htpasswd one read with a pull secret, and a
 //! stand-in cluster endpoint), the metrics port, bad requests, and shutdown.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::{Auth, Registry};
 use serde_json::{Value, json};
 use speculum_webhook::admit::{Admitter, FailurePolicy};
 use speculum_webhook::audit::MemoryAudit;
@@ -18,6 +15,7 @@ use speculum_webhook::metrics::Metrics;
 use speculum_webhook::policy::StaticPolicy;
 use speculum_webhook::resolve::{RegistryOptions, Resolver, ResolverConfig};
 use speculum_webhook::server::{self, Readiness};
+use testkit::registries::{Auth, Registry};
 
 const BODY_LIMIT: usize = 64 * 1024;
 

@@ -5,8 +5,6 @@
 //! ES256, signed by a key whose certificate is the registry's `rootcertbundle` and travels
 //! in the `x5c` header, which is how distribution verifies them.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,10 +13,10 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use base64::Engine as _;
-use common::{Auth, Registry};
 use speculum_webhook::credentials::{MemoryCredentials, keychain_for};
 use speculum_webhook::metrics::Metrics;
 use speculum_webhook::resolve::{RegistryOptions, ResolveError, Resolver, ResolverConfig, Source};
+use testkit::registries::{Auth, Registry};
 
 const SERVICE: &str = "speculum-test-registry";
 const ISSUER: &str = "speculum-test-issuer";

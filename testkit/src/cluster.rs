@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::rig::{Series, sum_series};
+use crate::rig::{Series, sum_series};
 
 /// The longest any single wait in the cluster scenarios may take.
 pub const WAIT: Duration = Duration::from_secs(180);
@@ -76,7 +76,7 @@ impl Cluster {
     /// Brings the cluster up. Never skips: every reason it cannot run is an error.
     pub fn start(extra_env: &[(&str, &str)]) -> Result<Cluster> {
         ensure!(
-            super::rig::is_root()?,
+            crate::rig::is_root()?,
             "the cluster tier needs root (namespaces, mounts, cgroups)"
         );
         let repo = repo_root();
@@ -84,7 +84,7 @@ impl Cluster {
         let dir = PathBuf::from(
             std::env::var("CLUSTER_DIR").unwrap_or_else(|_| "/tmp/speculum-cluster".into()),
         );
-        let helm = super::helm::helm().context("helm is needed (scripts/setup.sh)")?;
+        let helm = crate::helm::helm().context("helm is needed (scripts/setup.sh)")?;
         let lock = test_lock(&dir)?;
         let started = Instant::now();
         let mut up = Command::new("bash");
@@ -352,7 +352,7 @@ fn test_lock(dir: &Path) -> Result<std::fs::File> {
 }
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::repo_root()
 }
 
 /// `IP - - [time] "METHOD PATH PROTO" STATUS BYTES "referer" "agent"`.

@@ -8,8 +8,7 @@
 //! and stops the processes, and hands out `kube::Client`s. Both processes are our children and
 //! are killed by PID when the [`ControlPlane`] drops.
 //!
-//! Shared by the root crate's tests (`mod common;`) and the webhook's E2E tests (included with
-//! `#[path]`), so it uses only crates both have: kube, k8s-openapi, rustls, tempfile, tokio.
+//! Used by the root crate's Kubernetes tests and the webhook's E2E tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,18 +48,9 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// `tests/k8s/control-plane.sh`, found upwards from the crate being tested (the root crate or
-/// `webhook/`).
+/// `tests/k8s/control-plane.sh` in the repository.
 pub fn script() -> PathBuf {
-    let mut dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")));
-    while let Some(d) = dir {
-        let candidate = d.join("tests/k8s/control-plane.sh");
-        if candidate.exists() {
-            return candidate;
-        }
-        dir = d.parent();
-    }
-    panic!("tests/k8s/control-plane.sh not found above CARGO_MANIFEST_DIR");
+    crate::repo_root().join("tests/k8s/control-plane.sh")
 }
 
 fn run_script(args: &[&str], limit: Duration) -> String {

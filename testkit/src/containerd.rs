@@ -80,7 +80,7 @@ impl Default for Options {
 
 /// `tests/containerd/containerd.sh`: the version matrix's builder and config writer.
 fn matrix_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/containerd/containerd.sh")
+    crate::repo_root().join("tests/containerd/containerd.sh")
 }
 
 /// Runs the matrix script; its stdout, trimmed, or an error with what it said.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::containerd::Containerd;
+use crate::containerd::Containerd;
 
 /// A port free on 127.0.0.1 right now (the daemon binds it a moment later).
 pub fn free_port() -> u16 {
@@ -39,7 +39,7 @@ impl Daemon {
     pub fn start_without_content_dir(rig: &Containerd, dir: &Path, extra: &[&str]) -> Daemon {
         let (mirror, peer, metrics) = (free_port(), free_port(), free_port());
         let log = dir.join("speculum.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_speculum"))
+        let child = Command::new(crate::cargo_bin("speculum"))
             .arg("registry")
             .args(["--mirror-listen", &format!("127.0.0.1:{mirror}")])
             .args(["--peer-listen", &format!("127.0.0.1:{peer}")])

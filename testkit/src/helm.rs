@@ -1,7 +1,6 @@
 //! The Helm chart (`chart/`) as tests see it: find the pinned `helm` that `scripts/setup.sh`
 //! installs, render the chart with a values matrix case, and parse the YAML stream into JSON
-//! objects. Shared by `tests/chart.rs` and the webhook's `tests/chart.rs` (by `#[path]`), so it
-//! uses only crates both have: serde_json, yaml_serde.
+//! objects. Used by the chart tests of both the root crate and the webhook.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,17 +41,9 @@ pub fn helm() -> Option<PathBuf> {
     found
 }
 
-/// `chart/`, found upwards from the crate being tested.
+/// `chart/` in the repository.
 pub fn chart_dir() -> PathBuf {
-    let mut dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")));
-    while let Some(d) = dir {
-        let candidate = d.join("chart/Chart.yaml");
-        if candidate.exists() {
-            return d.join("chart");
-        }
-        dir = d.parent();
-    }
-    panic!("chart/Chart.yaml not found above CARGO_MANIFEST_DIR");
+    crate::repo_root().join("chart")
 }
 
 /// Runs helm with `args`; returns stdout, or stderr as the error.

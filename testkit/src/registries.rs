@@ -1,7 +1,6 @@
-//! Test rig: a real CNCF distribution registry (`docker-registry`) on 127.0.0.1, started and
+//! A real CNCF distribution registry (`docker-registry`) on 127.0.0.1, started and
 //! stopped by the test, with optional htpasswd (Basic) or token (Bearer) auth, and helpers to
 //! push small images and indexes into it over the registry API.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -69,7 +69,7 @@ impl Rig {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let machine = machine_lock()?;
-        let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let here = crate::repo_root();
         let rig = Rig {
             script: here.join("tests/rig/rig.sh"),
             dir: PathBuf::from(
@@ -77,7 +77,7 @@ impl Rig {
             ),
             bin: std::env::var_os("SPECULUM_BIN")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_speculum"))),
+                .unwrap_or_else(|| crate::cargo_bin("speculum")),
             started: Instant::now(),
             _serial: serial,
             _machine: machine,
