@@ -1,7 +1,7 @@
 //! Driving the namespace-node rig (`tests/rig/rig.sh`) from Rust tests: bring it up, push
 //! images, start daemons, pull with CRI or `ctr`, read the upstream access log, audit files and
-//! metrics. The scenarios live in the test files (`tests/cluster.rs`, `tests/coalesce.rs`,
-//! `tests/tenancy.rs`); one rig exists per machine at a time (the machine-wide lock).
+//! metrics. The scenarios live in the test files (`tests/rig/cluster.rs`, `tests/rig/coalesce.rs`,
+//! `tests/rig/tenancy.rs`); one rig exists per machine at a time (the machine-wide lock).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -350,7 +350,7 @@ pub fn machine_lock() -> Result<std::fs::File> {
             return Err(e).with_context(|| format!("locking {path}"));
         }
     }
-    // `flock /tmp/speculum-rig.lock cargo test --test cluster` already holds it for us: locking
+    // `flock /tmp/speculum-rig.lock cargo test --test rig cluster::` already holds it for us: locking
     // again through our own open file would wait for our own ancestor forever.
     if held_by_ancestor(&file)? {
         return Ok(file);

@@ -2,7 +2,7 @@
 # rig.sh — the network-namespace cluster rig: N containerd "nodes" and one upstream registry,
 # each in a network namespace of its own, joined by a bridge in yet another namespace.
 #
-# One job: build, run and tear down that topology, and give other scripts (and tests/cluster.rs)
+# One job: build, run and tear down that topology, and give other scripts (and tests/rig/cluster.rs)
 # small helpers to act *as a node*. Generating and pushing test images is mkimages.py and
 # push-images.sh's job; the daemon under test is started through the start_speculum hook.
 #
@@ -634,7 +634,7 @@ with_lock() {
 	mkdir -p "$(dirname "$RIG_DIR")"
 	exec 9>"$RIG_DIR.lock"
 	# The default lock file is also the machine-wide rig lock that callers hold for a whole test
-	# (`flock /tmp/speculum-rig.lock cargo test …`, tests/cluster.rs): when an ancestor holds it,
+	# (`flock /tmp/speculum-rig.lock cargo test …`, tests/rig/cluster.rs): when an ancestor holds it,
 	# we are inside that caller and locking again would wait for ourselves.
 	if ! lock_held_by_ancestor "$RIG_DIR.lock"; then
 		flock -w "$RIG_TIMEOUT" 9 || die "another rig.sh up/down holds $RIG_DIR.lock"

@@ -8,7 +8,7 @@
 //! reason; a granted private image and a public image still travel peer to peer.
 //!
 //! The routing-mesh case (an outsider without the pre-shared key cannot join the DHT) runs on
-//! loopback in `tests/routing_psk.rs`.
+//! loopback in `tests/loopback/routing_psk.rs`.
 //!
 //! Needs root; skips (saying why on stderr) otherwise or with `SPECULUM_SKIP_RIG=1`.
 

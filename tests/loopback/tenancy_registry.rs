@@ -1,7 +1,7 @@
 //! The tenancy decision chain over real HTTP on loopback, with the in-memory twins (store, pods,
 //! router) and the real grant and peer-token code: fast enough for every `cargo test`, so a
 //! regression in the chain shows up without the namespace rig. The rig version with real
-//! containerd is `tests/tenancy.rs`; both follow the attack matrix of `docs/tenancy.md`.
+//! containerd is `tests/rig/tenancy.rs`; both follow the attack matrix of `docs/tenancy.md`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 //! pod, plus forged, expired, wrong-issuer, wrong-audience and wrong-ServiceAccount tokens.
 //!
 //! Skipped with a message when not root or when `SPECULUM_SKIP_K8S=1`.
-//! Run: `cargo test -p speculum --test tenancy_kube`.
+//! Run: `cargo test -p speculum --test tools tenancy_kube::`.
 
 use std::process::Command;
 use std::sync::Arc;

@@ -10,7 +10,7 @@
 //! Needs root (network namespaces); skips (saying so on stderr) otherwise or with
 //! `SPECULUM_SKIP_RIG=1`. Knobs: `RIG_BIG_MB` (big layer, default 64 here), `RIG_DIR`,
 //! `SPECULUM_BIN`, `RIG_COALESCE_KILL_RATE` (upstream link rate during the kill test, default
-//! 100mbit). Shares the machine-wide rig lock with tests/cluster.rs.
+//! 100mbit). Shares the machine-wide rig lock with tests/rig/cluster.rs.
 
 use std::process::Child;
 use std::time::{Duration, Instant};

@@ -111,7 +111,7 @@ impl Image {
         assert_eq!(
             stdout(&run(5, "id", &["-u"], &[])),
             "0",
-            "tests/image.rs needs root (chroot, owners)"
+            "tests/tools/image.rs needs root (chroot, owners)"
         );
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("layout");

@@ -4,7 +4,7 @@
 //! node dying abruptly (task aborted; process frozen with SIGSTOP, which keeps its sockets
 //! open and is the worst case loopback can show), graceful shutdown, identity persistence and
 //! bootstrap retries. Every wait is a bounded poll; measured times are printed
-//! (`cargo test --test routing_kademlia -- --nocapture`).
+//! (`cargo test --test loopback routing_kademlia:: -- --nocapture`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -73,7 +73,7 @@ fn config(ip: &str, dir: &Path, peers: Vec<String>) -> KademliaConfig {
 }
 
 async fn spawn_with(config: KademliaConfig, dir: tempfile::TempDir) -> TestNode {
-    // Logs on demand: RUST_LOG=speculum=debug cargo test --test routing_kademlia.
+    // Logs on demand: RUST_LOG=speculum=debug cargo test --test loopback routing_kademlia::.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -565,10 +565,16 @@ impl ChildNode {
             Ok(p) => p,
             Err(e) => panic!("{e}"),
         };
+        // libtest names a test by its path inside the harness (`routing_kademlia::child_node`):
+        // the module path without the crate's name.
+        let name = match module_path!().split_once("::") {
+            Some((_, module)) => format!("{module}::child_node"),
+            None => "child_node".to_owned(),
+        };
         let mut child = match tokio::process::Command::new(exe)
             .args([
                 "--exact",
-                "child_node",
+                name.as_str(),
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",

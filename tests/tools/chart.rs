@@ -9,7 +9,7 @@
 //! helm comes from `scripts/setup.sh` (pinned, Go module proxy); without it the tests skip
 //! with a message, except under `CI=true`. The webhook half (its config validated by the
 //! real binary, the chart's MutatingWebhookConfiguration used by the running webhook) is in
-//! `webhook/tests/chart.rs`.
+//! `webhook/tests/kube/chart.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! The webhook's AdmissionReview target is smoke-run by `make fuzz-smoke` (libFuzzer), since
 //! this crate does not depend on the webhook.
 
-#[path = "../fuzz/targets/oci.rs"]
+#[path = "../../fuzz/targets/oci.rs"]
 mod oci;
 
 use std::path::Path;

@@ -5,7 +5,7 @@
 //! verified by digest. The script holds the machine-wide rig lock itself.
 //!
 //! Ignored by default: it takes minutes and owns the rig. Run: `make faults`, or
-//! `cargo test --test faults -- --ignored --nocapture`.
+//! `cargo test --test rig faults:: -- --ignored --nocapture`.
 
 use std::path::Path;
 use std::process::Command;

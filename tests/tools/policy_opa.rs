@@ -1,6 +1,6 @@
 //! The shipped bundles are plain OPA bundles: every one of them passes its own tests under real
 //! OPA (`opa test DIR`, and `opa test -b DIR` for bundle mode), the same tests regorus runs in
-//! `tests/policy.rs`.
+//! `tests/loopback/policy.rs`.
 //!
 //! OPA comes from `scripts/setup.sh` (`go install github.com/open-policy-agent/opa@v1.22.2`).
 //! It is looked up as `$OPA`, then on `PATH`, then in `$(go env GOPATH)/bin`. Without it the

@@ -5,7 +5,7 @@
 //! stops reading mid-body gets an audit record with the bytes really sent and costs the server
 //! nothing else; shutdown finishes the body in flight.
 //!
-//! Needs `/usr/bin/containerd` and `ctr`, and root. Run: `cargo test --test sendfile`.
+//! Needs `/usr/bin/containerd` and `ctr`, and root. Run: `cargo test --test containerd sendfile::`.
 
 use std::net::SocketAddr;
 use std::process::Stdio;

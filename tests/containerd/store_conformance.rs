@@ -6,7 +6,7 @@
 //! Which containerd: `RIG_CONTAINERD=1.6|1.7|2.3|2.4` (tests/containerd/containerd.sh; 1.6 is
 //! Debian's, the others are built on first use), default the 2.x LTS. `make test` runs this
 //! file once per line. Needs root (containerd's root directory and snapshotters).
-//! Run: `RIG_CONTAINERD=1.7 cargo test --test store_conformance`.
+//! Run: `RIG_CONTAINERD=1.7 cargo test --test containerd store_conformance::`.
 
 use std::time::{Duration, Instant};
 
@@ -259,7 +259,7 @@ async fn unavailable_while_down_and_reconnects_after_restart() {
 }
 
 /// Not a check: prints throughput and CPU cost of the two read paths for one large blob.
-/// Run: `cargo test --release --test store_conformance measure -- --ignored --nocapture`.
+/// Run: `cargo test --release --test containerd store_conformance::measure -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn measure_read_paths() {

@@ -1,4 +1,4 @@
-//! Measurements, not assertions: `cargo test -p speculum-webhook --test measure -- --ignored
+//! Measurements, not assertions: `cargo test -p speculum-webhook --test offline measure:: -- --ignored
 //! --nocapture`. Bounded loops against a local registry on 127.0.0.1.
 
 use std::sync::Arc;
@@ -91,7 +91,7 @@ async fn resolution_latency() {
 // --- A 5-container pod through the HTTPS `/mutate` handler -----------------------------------
 
 /// The webhook as the binary runs it (`server::router` behind `server::serve_tls`, started the
-/// way `tests/server.rs` starts it), in front of one open registry; `cache_ttl` as configured.
+/// way `tests/offline/server.rs` starts it), in front of one open registry; `cache_ttl` as configured.
 struct Webhook {
     base: String,
     ca_pem: String,

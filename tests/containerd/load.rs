@@ -6,8 +6,8 @@
 //! (glibc malloc kept ~70 MiB of freed arena memory here; the daemon's jemalloc purges it).
 //!
 //! Bounded everywhere: a fixed request count, a per-request and a whole-run timeout, and a
-//! bounded poll for memory. Needs root and containerd, like tests/daemon.rs.
-//! Run: `make load` (prints the numbers) or `cargo test --test load -- --nocapture`.
+//! bounded poll for memory. Needs root and containerd, like tests/containerd/daemon.rs.
+//! Run: `make load` (prints the numbers) or `cargo test --test containerd load:: -- --nocapture`.
 //! `SPECULUM_LOAD_REPORT=<file>` appends the result as one JSON line.
 
 use std::io::Write;
