@@ -171,7 +171,7 @@ fn values(c: &Cluster, extra: Value) -> Result<String> {
 
 /// The chart's private-grant bundle with `prefixes` (`registry/repository` prefixes) private.
 fn bundle(prefixes: &[&str]) -> Value {
-    let rego = include_str!("../../chart/files/policies/private-grant/mirror.rego");
+    let rego = include_str!("../../policies/private-grant/mirror.rego");
     json!({
         "mirror.rego": rego,
         "data.json": json!({"private": {"prefixes": prefixes}}).to_string(),
