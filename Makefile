@@ -22,7 +22,7 @@ demo: build
 ## test: every test: unit, conformance on real containerd, registry, DHT, namespace cluster.
 # SPECULUM_SKIP_K8S=1: the Kubernetes tests ran in `e2e` just before; not twice.
 # SPECULUM_REQUIRE_OPA=1: setup installed OPA, so the bundles must pass real OPA too.
-# The image (release binaries) comes first: tests/image.rs checks it and the cluster tier runs it.
+# The image (release binaries) comes first: tests/tools/image.rs checks it and the cluster tier runs it.
 # The workspace run covers the default containerd (the 2.x LTS); containerd-matrix the others.
 # SPECULUM_SKIP_CLUSTER=1: the cluster tier ran in `cluster-test` just before; not twice.
 test: build image e2e cluster-test containerd-matrix
@@ -40,26 +40,27 @@ CONTAINERD_LINES := $(shell bash $(CONTAINERD_SH) lines)
 containerd-binaries: setup
 	for l in $(CONTAINERD_LINES); do bash $(CONTAINERD_SH) bin $$l >/dev/null || exit 1; done
 
-## containerd-matrix: the store conformance suite and the cluster scenario (tests/cluster.rs:
+## containerd-matrix: the store conformance suite and the cluster scenario (tests/rig/cluster.rs:
 ## peers with upstream stopped, tag switches, a peer killed mid-layer) on every containerd line
 ## but the default, which the workspace run covers. Root only: it fails, never skips.
 containerd-matrix: containerd-binaries build
 	@[ "$$(id -u)" = 0 ] || { echo "containerd-matrix needs root (private containerds, network namespaces)"; exit 1; }
 	for l in $(filter-out $(CONTAINERD_DEFAULT),$(CONTAINERD_LINES)); do \
 	  echo "== containerd $$l ($$(bash $(CONTAINERD_SH) version $$l))"; \
-	  RIG_CONTAINERD=$$l cargo test --test store_conformance || exit 1; \
-	  env -u SPECULUM_SKIP_RIG RIG_CONTAINERD=$$l cargo test --test cluster || exit 1; \
+	  RIG_CONTAINERD=$$l cargo test --test containerd store_conformance:: || exit 1; \
+	  env -u SPECULUM_SKIP_RIG RIG_CONTAINERD=$$l cargo test --test rig cluster:: || exit 1; \
 	done
 
 ## chart: the Helm chart: lint --strict, template matrix checked against the real binaries,
-## hook args run for real, manifests dry-run applied to the E2E kube-apiserver (tests/chart.rs).
+## hook args run for real, manifests dry-run applied to the E2E kube-apiserver (tests/tools/chart.rs).
 chart: setup
-	cargo test --test chart
-	cargo test -p speculum-webhook --test chart
+	cargo test --test tools chart::
+	cargo test -p speculum-webhook --test kube chart::
 
-## unit: the fast tests only (no root, no containerd).
+## unit: the fast tests only (no root, no containerd): unit tests and the loopback harness.
 unit:
 	cargo test --workspace --lib
+	cargo test --test loopback
 
 rig-down:
 	bash tests/rig/rig.sh down
@@ -96,7 +97,7 @@ conformance: build
 
 ## hostile: the malformed-request table over raw TCP.
 hostile:
-	cargo test --test hostile -- --nocapture
+	cargo test --test loopback hostile:: -- --nocapture
 
 # cargo-fuzz needs nightly; -s none: the code is forbid(unsafe), so ASan would only slow it down;
 # -a: debug assertions (integer overflow panics) on.
@@ -114,13 +115,13 @@ fuzz: fuzz-build
 	  echo "$$t: $$(grep -h 'stat::number_of_executed_units' fuzz/last-$$t.log)"; \
 	done
 
-## fuzz-smoke: 20 s of libFuzzer per target (the stable smoke in `make test` is tests/fuzz_smoke.rs).
+## fuzz-smoke: 20 s of libFuzzer per target (the stable smoke in `make test` is tests/loopback/fuzz_smoke.rs).
 fuzz-smoke:
 	$(MAKE) fuzz FUZZ_RUNS=1000000000 FUZZ_SECONDS=20
 
 ## load: 1,000 connections / 10 k requests against one daemon; prints percentiles and RSS.
 load: build
-	cargo test --test load -- --nocapture
+	cargo test --test containerd load:: -- --nocapture
 
 ## faults: the fault matrix on the namespace rig (≥ 50 CRI pulls); takes the rig lock.
 faults: build
@@ -137,11 +138,11 @@ k8s-binaries: setup
 ## e2e: a real kube-apiserver + etcd on 127.0.0.1: the webhook pins through the API server, kube
 ## credentials and certificates, projected tokens and JWKS. About 1 min once the binaries are cached.
 e2e: k8s-binaries
-	cargo test --test k8s_control_plane
-	cargo test --test tenancy_kube
-	cargo test -p speculum-webhook --test e2e_kube
-	cargo test --test chart
-	cargo test -p speculum-webhook --test chart e2e
+	cargo test --test tools k8s_control_plane::
+	cargo test --test tools tenancy_kube::
+	cargo test -p speculum-webhook --test kube e2e_kube::
+	cargo test --test tools chart::
+	cargo test -p speculum-webhook --test kube chart::e2e
 
 # --- the container image (issue 15; README "Container image") ------------------------------------
 .PHONY: image image-push
@@ -149,7 +150,7 @@ e2e: k8s-binaries
 # release (default) or debug: debug binaries assemble into a larger image, for quick local tries.
 IMAGE_PROFILE ?= release
 IMAGE_DIR ?= $(CARGO_TARGET_DIR)/image/speculum
-# Binaries tests/image.rs packs (always the release ones).
+# Binaries tests/tools/image.rs packs (always the release ones).
 export SPECULUM_IMAGE_BINS ?= $(CARGO_TARGET_DIR)/release
 
 ## image: both binaries in one reproducible OCI layout at $(IMAGE_DIR) (tag: the Cargo version),
@@ -184,7 +185,7 @@ cluster-down:
 	bash tests/cluster/cluster.sh down
 
 ## cluster-test: the chart installed with Helm on that cluster and every scenario through it
-## (tests/kube_cluster.rs; brings its own cluster up and down).
+## (tests/cluster/kube_cluster.rs; brings its own cluster up and down).
 cluster-test: build image k8s-node-binaries
 	SPECULUM_IMAGE_LAYOUT=$(IMAGE_DIR):$$(bash scripts/image.sh tag $(IMAGE_DIR)) \
 	  cargo test --test kube_cluster -- --nocapture
@@ -197,9 +198,9 @@ prometheus-rules: setup
 	promtool check rules chart/files/alerts/speculum.rules.yaml
 	cd tests/prometheus && promtool test rules speculum.rules.test.yaml
 
-## prometheus-test: tests/prometheus.rs: promtool, the ServiceMonitors against the binaries'
+## prometheus-test: tests/rig/prometheus.rs: promtool, the ServiceMonitors against the binaries'
 ## ports, and real Prometheus scraping the namespace rig (every dashboard panel returns data,
 ## every alert rule evaluates). Root; about 35 s once built (a fresh RIG_DIR first builds the
 ## rig's CRI client and test images: minutes).
 prometheus-test: build
-	cargo test --test prometheus -- --nocapture
+	cargo test --test rig prometheus:: -- --nocapture

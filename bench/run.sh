@@ -9,7 +9,7 @@
 #                cache                                         (~12 min for 10 and 200 MB)
 #   dht.sh       100-node DHT simulation: lookups, advertising 10 k digests    (≤ 5 min)
 #   hot_paths    criterion benches of per-request parsing and verification      (~1 min)
-#   webhook      webhook/tests/measure.rs (resolution cached/uncached, one Rego decision)
+#   webhook      webhook/tests/offline/measure.rs (resolution cached/uncached, one Rego decision)
 # BENCH_SMOKE=1 shrinks every one of them (about 3 minutes in all) so the scripts cannot rot.
 # Needs root (namespaces, containerd). Every step is bounded by `timeout`.
 
@@ -58,5 +58,5 @@ timeout 900 bench/dht.sh | tee "$BENCH_OUT/dht_sim.txt"
 log "hot paths (criterion)"
 timeout 900 cargo bench --bench hot_paths -- --quick | tee "$BENCH_OUT/hot_paths.txt"
 log "webhook measurements"
-timeout 900 cargo test -p speculum-webhook --test measure -- --ignored --nocapture 2>&1 | tee "$BENCH_OUT/webhook.txt"
+timeout 900 cargo test -p speculum-webhook --test offline measure:: -- --ignored --nocapture 2>&1 | tee "$BENCH_OUT/webhook.txt"
 log "done; results in $BENCH_OUT"

@@ -32,7 +32,10 @@ BENCH_STREAMS=${BENCH_STREAMS:-50}
 BENCH_HEADS=${BENCH_HEADS:-2000}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
 BENCH_OUT=${BENCH_OUT:-/tmp/speculum-bench}
-CONTAINERD_SH=$BENCH_HERE/../tests/containerd/containerd.sh
+# The rig's helpers: poll_until, and speculum_config (the one writer of the daemon's config).
+# shellcheck source=tests/rig/rig.sh
+source "$REPO/tests/rig/rig.sh"
+CONTAINERD_SH=$RIG_CONTAINERD_SH
 # Which containerd (a line of tests/containerd/containerd.sh: 1.6 is Debian's, 1.7/2.3/2.4 built).
 BENCH_CONTAINERD=${BENCH_CONTAINERD:-$(bash "$CONTAINERD_SH" default)}
 NS=spbench-$$
@@ -44,16 +47,6 @@ PIDS=()
 log() { printf '%s serving: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 in_ns() { ip netns exec "$NS" "$@"; }
-
-poll_until() {
-	local limit=$1 what=$2 deadline
-	shift 2
-	deadline=$((SECONDS + limit))
-	until "$@" >/dev/null 2>&1; do
-		((SECONDS < deadline)) || { log "timed out after ${limit}s waiting for $what"; return 1; }
-		sleep 0.1
-	done
-}
 
 # start NAME CMD...: runs CMD in the namespace, logs to DIR/NAME.log, remembers its PID.
 start() {
@@ -123,10 +116,11 @@ peak_rss() {
 
 # write_containerd_config: from the one writer every private containerd uses
 # (tests/containerd/containerd.sh); BENCH_CONTAINERD picks the version (default: the 2.x LTS).
+# The node's files are laid out as a rig node's (DIR/root, DIR/containerd.sock, DIR/certs.d),
+# so the rig's speculum_config describes it.
 write_containerd_config() {
-	mkdir -p "$DIR/containerd/root" "$DIR/containerd/state" "$DIR/containerd/opt" \
-		"$DIR/containerd/cni/bin" "$DIR/containerd/cni/conf" "$DIR/certs.d"
-	bash "$CONTAINERD_SH" config "$BENCH_CONTAINERD" "$DIR/containerd" \
+	mkdir -p "$DIR/root" "$DIR/state" "$DIR/opt" "$DIR/cni/bin" "$DIR/cni/conf" "$DIR/certs.d"
+	bash "$CONTAINERD_SH" config "$BENCH_CONTAINERD" "$DIR" \
 		socket="$DIR/containerd.sock" config_path="$DIR/certs.d" >"$DIR/containerd.toml"
 }
 
@@ -146,36 +140,14 @@ write_registry_config() {
 	EOF
 }
 
-# The daemon as a node runs it (keys as in tests/rig/rig.sh write_speculum_config), alone: no
-# bootstrap peers, the DHT on loopback.
+# The daemon as a rig node runs it (tests/rig/rig.sh speculum_config), alone: every listener on
+# loopback, no bootstrap peers, the content root written by hand, no audit file (its writes would
+# count in the CPU figure). cluster-first: the HEAD figure is the local store's; upstream-first
+# would add the registry's own HEAD.
 write_speculum_config() {
-	mkdir -p "$DIR/speculum"
-	cat >"$DIR/speculum.yaml" <<-EOF
-		node:
-		  name: "bench"
-		registry:
-		  mirror_listen: "127.0.0.1:5080"
-		  peer_listen: "127.0.0.1:5081"
-		metrics:
-		  listen: "127.0.0.1:9402"
-		containerd:
-		  socket: "$DIR/containerd.sock"
-		  namespace: "k8s.io"
-		  content_dir: "$DIR/containerd/root/io.containerd.content.v1.content"
-		routing:
-		  listen: "/ip4/127.0.0.1/tcp/5082"
-		  data_dir: "$DIR/speculum"
-		  registry_port: 5081
-		hosts:
-		  certs_dir: "$DIR/certs.d"
-		  mirrored_registries: ["http://$REG"]
-		  mirror_endpoint: "http://127.0.0.1:5080"
-		# The HEAD figure is the local store's; upstream-first would add the registry's own HEAD.
-		mirror:
-		  tag_resolution: cluster-first
-		log:
-		  level: warn
-	EOF
+	mkdir -p "$DIR/data"
+	speculum_config "$DIR" bench listen=127.0.0.1 upstream="$REG" tag_resolution=cluster-first \
+		content_dir=config audit=off log_level=warn >"$DIR/speculum.yaml"
 }
 
 # nginx serving the content store's blob directory with sendfile, one process (no master), so
@@ -200,7 +172,7 @@ write_nginx_config() {
 		  scgi_temp_path $DIR/nginx/scgi;
 		  server {
 		    listen 127.0.0.1:8080;
-		    root $DIR/containerd/root/io.containerd.content.v1.content/blobs/sha256;
+		    root $DIR/root/io.containerd.content.v1.content/blobs/sha256;
 		  }
 		}
 	EOF

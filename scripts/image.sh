@@ -16,7 +16,7 @@
 #   IMAGE_TLS_VERIFY   push: verify the registry's TLS certificate (default false: the local
 #                      registries of the rig and the tests speak plain HTTP)
 #
-# Same binaries, same commit, same packages → same digest (tests/image.rs builds twice).
+# Same binaries, same commit, same packages → same digest (tests/tools/image.rs builds twice).
 
 set -euo pipefail
 

@@ -21,10 +21,10 @@ APT_PACKAGES=(
   socat                       # the host's loopback door to the API server in its namespace
   busybox-static              # the test images' base layer (a shell for kubectl exec)
   gcc libc6-dev               # the pause image: a tiny static C program
-  umoci             # tests/image.rs: unpacks (and so validates) the image layout for the chroot runs
-  buildah           # tests/image.rs: builds the Dockerfile's final stage without a Docker daemon
-  prometheus        # tests/prometheus.rs: real Prometheus scrapes the rig; promtool checks chart/files/alerts
-  chromium chromium-driver # tests/status_page.rs: the node status page in a real headless browser
+  umoci             # tests/tools/image.rs: unpacks (and so validates) the image layout for the chroot runs
+  buildah           # tests/tools/image.rs: builds the Dockerfile's final stage without a Docker daemon
+  prometheus        # tests/rig/prometheus.rs: real Prometheus scrapes the rig; promtool checks chart/files/alerts
+  chromium chromium-driver # tests/rig/status_page.rs: the node status page in a real headless browser
 )
 # Go ≥ 1.26 builds the rig's CRI client (Debian's golang-go is too old; the machine's Go is used).
 # The same Go builds the Kubernetes E2E tier's kube-apiserver and etcd from pinned wrapper modules
@@ -33,9 +33,9 @@ APT_PACKAGES=(
 # Go tools: name → install target (pinned versions). The rig's CRI client
 # (tests/rig/cri-pull, k8s.io/cri-api) is built from its own go.mod on first use.
 GO_TOOLS=(
-  # tests/policy_opa.rs runs every shipped bundle's tests with real OPA too (a plain OPA bundle)
+  # tests/tools/policy_opa.rs runs every shipped bundle's tests with real OPA too (a plain OPA bundle)
   "opa github.com/open-policy-agent/opa@v1.22.2"
-  # tests/chart.rs: helm lint/template of chart/ (found the same way: $HELM, PATH, GOPATH/bin)
+  # tests/tools/chart.rs: helm lint/template of chart/ (found the same way: $HELM, PATH, GOPATH/bin)
   "helm helm.sh/helm/v3/cmd/helm@v3.16.3"
 )
 

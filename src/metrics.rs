@@ -6,7 +6,7 @@
 //! daemon-wide health gauges are defined here. Imported by the composition root only.
 //!
 //! Names follow `speculum_<subsystem>_<what>_<unit>` and are pinned by
-//! `tests/metrics_names.rs`; label values are lower case, `snake_case` (`mirror`,
+//! `tests/loopback/metrics_names.rs`; label values are lower case, `snake_case` (`mirror`,
 //! `peer_inflight`).
 
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! Fuzz target bodies for the daemon's parsers of untrusted input, as plain functions so the
 //! same code runs under libFuzzer (`fuzz/fuzz_targets/*`) and as a stable smoke test in
-//! `make test` (`tests/fuzz_smoke.rs` includes this file). Each checks a property, not only
+//! `make test` (`tests/loopback/fuzz_smoke.rs` includes this file). Each checks a property, not only
 //! "no panic": what a parser accepts must print back to exactly what it was given, and what
 //! it hands on must be within bounds.
 //!

@@ -1,7 +1,7 @@
 //! The registry's metrics, one job: the families the two listeners record into
 //! (`speculum_http_*`, `speculum_mirror_*`, `speculum_served_*`, and the lookup time the
 //! mirror sees), private, with one recording method per event. Registered into the daemon's
-//! registry by the aggregator ([`crate::metrics`]); names are pinned by `tests/metrics_names.rs`.
+//! registry by the aggregator ([`crate::metrics`]); names are pinned by `tests/loopback/metrics_names.rs`.
 //!
 //! Label values are small fixed sets (handler, kind, source, status) so cardinality stays
 //! bounded whatever clients send, written in Prometheus style: lower case, `snake_case`.

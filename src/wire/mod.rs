@@ -6,7 +6,7 @@
 //!
 //! Everything here sits below the seams (`store`, `routing`, `policy`) and the services that
 //! combine them (`cache`, `registry`): it imports only `oci` and external crates (the layer
-//! rule in `tests/layers.rs`).
+//! rule in `tests/loopback/layers.rs`).
 
 pub mod peer_client;
 pub mod resume;

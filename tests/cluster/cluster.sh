@@ -63,6 +63,17 @@ PAUSE_REF_REPO=cluster/pause:3.10
 HOST_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
 	kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 
+# Waits, recorded processes, leftovers in our namespaces, veth links: shared with the namespace
+# rig, in tests/rig/nslib.sh.
+NS_DIR=$CLUSTER_DIR
+NS_OWNER=$CLUSTER_DIR
+NS_PREFIX=$CLUSTER_PREFIX
+NS_BRIDGE=$BRIDGE_NS
+NS_TBF_BURST=1mb
+NS_POLL=0.2
+# shellcheck source=tests/rig/nslib.sh
+source "$REPO/tests/rig/nslib.sh"
+
 # --- small pieces --------------------------------------------------------------------------------
 log() { printf '%s cluster: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -124,17 +135,6 @@ k8s_bin() {
 	fi
 }
 
-# poll_until SECONDS DESCRIPTION CMD...: CMD every 200 ms until it succeeds; fails after SECONDS.
-poll_until() {
-	local limit=$1 what=$2
-	shift 2
-	local deadline=$((SECONDS + limit))
-	until "$@" >/dev/null 2>&1; do
-		((SECONDS < deadline)) || { log "timed out after ${limit}s waiting for $what"; return 1; }
-		sleep 0.2
-	done
-}
-
 # --- acting inside namespaces --------------------------------------------------------------------
 # nsenter, not `ip netns exec`: the latter remounts /sys and hides the cgroup v1 mounts from the
 # kubelet and runc (notes/kubelet.md).
@@ -150,8 +150,6 @@ in_ns() {
 }
 
 # --- processes -----------------------------------------------------------------------------------
-pid_file() { echo "$CLUSTER_DIR/pids/$1.pid"; }
-
 # start_bg NAME LOGFILE CMD...: CMD in the background (nsenter execs in place, so $! is CMD's
 # PID), stdio to files so a caller reading our stdout never waits on a daemon holding the pipe.
 start_bg() {
@@ -162,62 +160,7 @@ start_bg() {
 	echo $! >"$(pid_file "$name")"
 }
 
-# owned_pid NAME: the recorded PID if alive and still ours (its command line or environment
-# names the cluster dir), so a reused PID after a crash is never signalled.
-owned_pid() {
-	local f pid
-	f=$(pid_file "$1")
-	[[ -f $f ]] || return 1
-	pid=$(<"$f")
-	[[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
-	tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$CLUSTER_DIR" || return 1
-	echo "$pid"
-}
-is_running() { owned_pid "$1" >/dev/null; }
-all_gone() {
-	local pid
-	for pid in "$@"; do ! kill -0 "$pid" 2>/dev/null || return 1; done
-}
-
-# stop_all SIGNAL TIMEOUT NAME...: signals every recorded process at once, waits (bounded),
-# KILLs the rest.
-stop_all() {
-	local sig=$1 limit=$2 name pid pids=()
-	shift 2
-	for name in "$@"; do
-		if pid=$(owned_pid "$name"); then
-			kill -s "$sig" "$pid" 2>/dev/null || true
-			pids+=("$pid")
-		fi
-	done
-	if ((${#pids[@]} > 0)) && ! poll_until "$limit" "$* to exit after SIG$sig" all_gone "${pids[@]}"; then
-		kill -s KILL "${pids[@]}" 2>/dev/null || true
-		poll_until 10 "$* to die" all_gone "${pids[@]}" || log "warning: some of ${pids[*]} survived SIGKILL"
-	fi
-	for name in "$@"; do rm -f "$(pid_file "$name")"; done
-}
-
-cluster_namespaces() { ip netns list | awk -v p="$CLUSTER_PREFIX" 'index($1, p) == 1 { print $1 }'; }
-ns_empty() { [[ -z $(ip netns pids "$1" 2>/dev/null) ]]; }
-
-# kill_ns_stragglers: whatever still lives in a cluster namespace (containers, shims) was
-# started by the cluster; end it by PID.
-kill_ns_stragglers() {
-	local ns pids
-	for ns in $(cluster_namespaces); do
-		pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-		[[ -n ${pids// /} ]] || continue
-		log "ending leftover processes in $ns: $pids"
-		# shellcheck disable=SC2086
-		kill -s TERM $pids 2>/dev/null || true
-		poll_until 10 "leftovers in $ns" ns_empty "$ns" || {
-			pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-			# shellcheck disable=SC2086
-			[[ -z ${pids// /} ]] || kill -s KILL $pids 2>/dev/null || true
-			poll_until 10 "leftovers in $ns to die" ns_empty "$ns" || log "warning: processes survive in $ns"
-		}
-	done
-}
+cluster_namespaces() { our_namespaces; }
 
 # --- certificates --------------------------------------------------------------------------------
 # sign NAME SUBJECT EXT: a key and a certificate signed by the cluster CA.
@@ -276,26 +219,6 @@ kubeconfig() {
 }
 
 # --- network -------------------------------------------------------------------------------------
-tbf() {
-	local rate=$1 ns=$2 dev=$3
-	[[ -n $rate ]] || return 0
-	ip -n "$ns" link set "$dev" gso_max_size 65536 2>/dev/null || true
-	tc -n "$ns" qdisc replace dev "$dev" root tbf rate "$rate" burst 1mb latency 100ms
-}
-
-# attach_ns NETNS PORT IP RATE: a veth from the bridge (end PORT) into NETNS (end eth0).
-attach_ns() {
-	local ns=$1 port=$2 addr=$3 rate=$4
-	ip netns add "$ns"
-	ip -n "$ns" link set lo up
-	ip -n "$BRIDGE_NS" link add "$port" type veth peer name eth0 netns "$ns"
-	ip -n "$BRIDGE_NS" link set "$port" master br0 up
-	ip -n "$ns" addr add "$addr/24" dev eth0
-	ip -n "$ns" link set eth0 up
-	tbf "$rate" "$BRIDGE_NS" "$port"
-	tbf "$rate" "$ns" eth0
-}
-
 # routes_to_pods NETNS [SKIP_NODE]: a route to every node's pod CIDR through that node.
 routes_to_pods() {
 	local ns=$1 skip=${2:-0} m

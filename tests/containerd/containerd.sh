@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The containerd version matrix: one place that knows which containerd each version line is,
 # builds it (first run only) and writes its config. Used by the rig (tests/rig/rig.sh), the
-# private containerd of the store conformance suite (tests/common/containerd.rs), bench/ and the
+# private containerd of the store conformance suite (testkit/src/containerd.rs), bench/ and the
 # kubelet cluster tier.
 #
 #   containerd.sh lines                 the version lines, default first (2.3 4 1.7 1.6 order

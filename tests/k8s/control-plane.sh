@@ -13,7 +13,7 @@
 #   control-plane.sh up DIR        both of the above, then etcd + kube-apiserver in the
 #                                  background on free loopback ports; writes DIR/kubeconfig and
 #                                  DIR/pids (for poking at it by hand; the Rust tests start their
-#                                  own through tests/common/k8s.rs)
+#                                  own through testkit/src/k8s.rs)
 #   control-plane.sh down DIR      stops what `up DIR` started (by the PIDs it wrote)
 #
 # Cache: ${SPECULUM_CACHE:-$HOME/.cache/speculum}/k8s/<kubernetes version>/. Go's module and
@@ -140,7 +140,7 @@ up() { # DIR
   exit 1
 }
 
-# The flags tests/common/k8s.rs passes too; keep the two in step.
+# The flags testkit/src/k8s.rs passes too; keep the two in step.
 apiserver_flags() { # DIR ETCD_PORT API_PORT
   local d="$1"
   echo "--etcd-servers=http://127.0.0.1:$2 --bind-address=127.0.0.1 --advertise-address=127.0.0.1

@@ -10,17 +10,14 @@
 //! proxy on first use, then cached under the cargo target dir).
 //! Run: `make conformance` or `cargo test --test oci_conformance -- --nocapture`.
 
-#[path = "../common/mod.rs"]
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::containerd::Containerd;
-use common::daemon::Daemon;
 use speculum::oci::Digest;
 use speculum::store::conformance::{Blob, Fixture, Seeder};
+use testkit::containerd::Containerd;
+use testkit::daemon::Daemon;
 
 /// The fixture's upstream registry name (only a label here: nothing is contacted).
 const REGISTRY: &str = "127.0.0.1:5000";

@@ -2,7 +2,7 @@
 # rig.sh — the network-namespace cluster rig: N containerd "nodes" and one upstream registry,
 # each in a network namespace of its own, joined by a bridge in yet another namespace.
 #
-# One job: build, run and tear down that topology, and give other scripts (and tests/cluster.rs)
+# One job: build, run and tear down that topology, and give other scripts (and tests/rig/cluster.rs)
 # small helpers to act *as a node*. Generating and pushing test images is mkimages.py and
 # push-images.sh's job; the daemon under test is started through the start_speculum hook.
 #
@@ -63,6 +63,17 @@ RIG_UP_NS=${RIG_NS_PREFIX}up
 RIG_UPSTREAM_PORT=5000
 RIG_K8S_NS=k8s.io
 
+# Waits, recorded processes, leftovers in our namespaces, veth links: shared with the kubelet
+# cluster (tests/cluster/cluster.sh), in nslib.sh.
+NS_DIR=$RIG_DIR
+NS_OWNER="$RIG_DIR/"
+NS_PREFIX=$RIG_NS_PREFIX
+NS_BRIDGE=$RIG_BRIDGE_NS
+NS_TBF_BURST=$RIG_TBF_BURST
+NS_POLL=0.1
+# shellcheck source=tests/rig/nslib.sh
+source "$RIG_HERE/nslib.sh"
+
 # --- small pieces --------------------------------------------------------------------------------
 log() { printf '%s rig: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -101,18 +112,6 @@ upstream_ip() { echo "$RIG_SUBNET.2"; }
 # upstream_host: the registry host as image references name it, e.g. 10.250.77.2:5000.
 upstream_host() { echo "$(upstream_ip):$RIG_UPSTREAM_PORT"; }
 rig_subnet() { echo "$RIG_SUBNET.0/24"; }
-
-# poll_until SECONDS DESCRIPTION CMD...: runs CMD every 100 ms until it succeeds; fails after
-# SECONDS. The only way this script waits for anything.
-poll_until() {
-	local limit=$1 what=$2
-	shift 2
-	local deadline=$((SECONDS + limit))
-	until "$@" >/dev/null 2>&1; do
-		((SECONDS < deadline)) || { log "timed out after ${limit}s waiting for $what"; return 1; }
-		sleep 0.1
-	done
-}
 
 # --- acting inside namespaces --------------------------------------------------------------------
 # node_exec N CMD...: runs CMD inside node N's network namespace.
@@ -232,9 +231,7 @@ cri_status() {
 	node_exec "$n" "$bin" -endpoint "unix://$(node_sock "$n")" status "$image"
 }
 
-# --- processes -----------------------------------------------------------------------------------
-pid_file() { echo "$RIG_DIR/pids/$1.pid"; }
-
+# --- processes (pid_file, owned_pid, stop_all: nslib.sh) -----------------------------------------
 # start_bg NAME NETNS LOGFILE CMD...: starts CMD in NETNS in the background and records its PID.
 # `ip netns exec` execs CMD in place, so $! is CMD's own PID. stdio goes to files so a caller
 # reading our stdout (cargo test) never waits on a daemon holding the pipe.
@@ -246,80 +243,13 @@ start_bg() {
 	echo $! >"$(pid_file "$name")"
 }
 
-# owned_pid NAME: prints the recorded PID if that process is alive and is still ours (its
-# command line names the rig dir), so a reused PID after a crash is never signalled.
-owned_pid() {
-	local f pid
-	f=$(pid_file "$1")
-	[[ -f $f ]] || return 1
-	pid=$(<"$f")
-	[[ $pid =~ ^[0-9]+$ ]] || return 1
-	[[ -r /proc/$pid/cmdline ]] || return 1
-	tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$RIG_DIR/" || return 1
-	echo "$pid"
-}
-
-is_running() { owned_pid "$1" >/dev/null; }
-
-pid_gone() { ! kill -0 "$1" 2>/dev/null; }
-
 # stop_pid NAME [SIGNAL] [TIMEOUT]: signals the recorded process, waits (bounded), then KILLs.
 stop_pid() {
 	local name=$1 sig=${2:-TERM} limit=${3:-$RIG_TIMEOUT}
 	stop_all "$sig" "$limit" "$name"
 }
 
-# all_gone PID...: true when none of the PIDs is alive.
-all_gone() {
-	local pid
-	for pid in "$@"; do
-		pid_gone "$pid" || return 1
-	done
-}
-
-# stop_all SIGNAL TIMEOUT NAME...: signals every recorded process at once (containerd takes a
-# second or two to exit; one after another would add up), waits for all (bounded), KILLs the rest.
-stop_all() {
-	local sig=$1 limit=$2 name pid pids=()
-	shift 2
-	for name in "$@"; do
-		if pid=$(owned_pid "$name"); then
-			kill -s "$sig" "$pid" 2>/dev/null || true
-			pids+=("$pid")
-		fi
-	done
-	if ((${#pids[@]} > 0)) && ! poll_until "$limit" "${*} to exit after SIG$sig" all_gone "${pids[@]}"; then
-		kill -s KILL "${pids[@]}" 2>/dev/null || true
-		poll_until 10 "${*} to die" all_gone "${pids[@]}" || log "warning: some of ${pids[*]} survived SIGKILL"
-	fi
-	for name in "$@"; do
-		rm -f "$(pid_file "$name")"
-	done
-}
-
 # --- network -------------------------------------------------------------------------------------
-# tbf RATE NETNS DEV: shapes DEV's egress to RATE (no-op when RATE is empty).
-tbf() {
-	local rate=$1 ns=$2 dev=$3
-	[[ -n $rate ]] || return 0
-	ip -n "$ns" link set "$dev" gso_max_size 65536 2>/dev/null || true
-	tc -n "$ns" qdisc replace dev "$dev" root tbf rate "$rate" burst "$RIG_TBF_BURST" latency 100ms
-}
-
-# attach_ns NETNS PORT IP RATE: a veth from the bridge (end PORT) into NETNS (end eth0, with IP),
-# shaped both ways to RATE. Created in the bridge namespace; nothing touches the host's links.
-attach_ns() {
-	local ns=$1 port=$2 addr=$3 rate=$4
-	ip netns add "$ns"
-	ip -n "$ns" link set lo up
-	ip -n "$RIG_BRIDGE_NS" link add "$port" type veth peer name eth0 netns "$ns"
-	ip -n "$RIG_BRIDGE_NS" link set "$port" master br0 up
-	ip -n "$ns" addr add "$addr/24" dev eth0
-	ip -n "$ns" link set eth0 up
-	tbf "$rate" "$RIG_BRIDGE_NS" "$port"
-	tbf "$rate" "$ns" eth0
-}
-
 net_up() {
 	local n
 	log "network: bridge, upstream, $(node_count) nodes on $(rig_subnet)"
@@ -346,28 +276,7 @@ unshape_node() {
 	tc -n "$(node_ns "$1")" qdisc del dev eth0 root 2>/dev/null || true
 }
 
-rig_namespaces() { ip netns list | awk -v p="$RIG_NS_PREFIX" 'index($1, p) == 1 { print $1 }'; }
-
-# ns_empty NETNS: true when no process lives in NETNS.
-ns_empty() { [[ -z $(ip netns pids "$1" 2>/dev/null) ]]; }
-
-# kill_ns_stragglers: anything still inside a rig namespace was started by the rig (or by a test
-# acting as a node); after the recorded PIDs are stopped, end those too, by PID.
-kill_ns_stragglers() {
-	local ns pids
-	for ns in $(rig_namespaces); do
-		pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-		[[ -n ${pids// /} ]] || continue
-		log "ending leftover processes in $ns: $pids"
-		# shellcheck disable=SC2086
-		kill -s TERM $pids 2>/dev/null || true
-		poll_until 10 "leftovers in $ns" ns_empty "$ns" || {
-			pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-			# shellcheck disable=SC2086
-			[[ -z ${pids// /} ]] || kill -s KILL $pids 2>/dev/null || true
-		}
-	done
-}
+rig_namespaces() { our_namespaces; }
 
 net_down() {
 	local ns
@@ -514,56 +423,93 @@ wait_containerd() {
 }
 
 # --- the daemon under test -----------------------------------------------------------------------
-# write_speculum_config N: node N's speculum.yaml. The one place that knows the daemon's config
-# keys; the lead owns the key names.
+# speculum_config DIR NAME [KEY=VALUE...]: prints the speculum.yaml of a node whose files live in
+# DIR (DIR/containerd.sock, containerd's root DIR/root, DIR/certs.d, DIR/data, DIR/audit.jsonl).
+# The one place that knows the daemon's config keys (the lead owns the key names): the rig's
+# nodes (write_speculum_config) and bench/serving.sh's lone node use it. Keys:
+#   listen=IP            peer, metrics and DHT listeners (default 0.0.0.0; the mirror is loopback)
+#   bootstrap=MULTIADDR  a static DHT bootstrap peer (default none)
+#   upstream=HOST:PORT   the mirrored registry (default the rig's upstream)
+#   tag_resolution=…, resolve_tags=…, resolve_latest_tag=…   (default RIG_TAG_RESOLUTION, …)
+#   content_dir=introspect|config   config: containerd.content_dir written by hand (default
+#                        introspect: the daemon asks containerd)
+#   cache=0|1            the own blob cache with upstream fetches (docs/cache.md; default 0)
+#   audit=on|off         the audit file (default on)
+#   log_level=LEVEL      log.level (default: the daemon's)
+speculum_config() {
+	local d=$1 name=$2 kv listen=0.0.0.0 bootstrap="" upstream content=introspect cache=0 audit=on
+	local level="" tags=$RIG_TAG_RESOLUTION resolve=$RIG_RESOLVE_TAGS latest=$RIG_RESOLVE_LATEST_TAG
+	upstream=$(upstream_host)
+	shift 2
+	for kv in "$@"; do
+		case "$kv" in
+		listen=*) listen=${kv#*=} ;;
+		bootstrap=*) bootstrap=${kv#*=} ;;
+		upstream=*) upstream=${kv#*=} ;;
+		tag_resolution=*) tags=${kv#*=} ;;
+		resolve_tags=*) resolve=${kv#*=} ;;
+		resolve_latest_tag=*) latest=${kv#*=} ;;
+		content_dir=introspect | content_dir=config) content=${kv#*=} ;;
+		cache=0 | cache=1) cache=${kv#*=} ;;
+		audit=on | audit=off) audit=${kv#*=} ;;
+		log_level=*) level=${kv#*=} ;;
+		*) die "speculum_config: unknown or malformed key '$kv'" ;;
+		esac
+	done
+	cat <<-EOF
+		# Generated by tests/rig/rig.sh for node ${name#n}.
+		node:
+		  name: "$name"
+		registry:
+		  mirror_listen: "127.0.0.1:5080"
+		  peer_listen: "$listen:5081"
+		metrics:
+		  listen: "$listen:9402"
+		containerd:
+		  socket: "$d/containerd.sock"
+		  namespace: "$RIG_K8S_NS"
+	EOF
+	[[ $content != config ]] || echo "  content_dir: \"$d/root/io.containerd.content.v1.content\""
+	cat <<-EOF
+		routing:
+		  listen: "/ip4/$listen/tcp/5082"
+		  data_dir: "$d/data"
+		  registry_port: 5081
+	EOF
+	[[ -z $bootstrap ]] || printf '  bootstrap:\n    peers: ["%s"]\n' "$bootstrap"
+	cat <<-EOF
+		hosts:
+		  certs_dir: "$d/certs.d"
+		  mirrored_registries: ["http://$upstream"]
+		  mirror_endpoint: "http://127.0.0.1:5080"
+		mirror:
+		  tag_resolution: "$tags"
+		policy:
+		  resolve_tags: $resolve
+		  resolve_latest_tag: $latest
+	EOF
+	[[ $audit == off ]] || printf 'audit:\n  file: "%s"\n' "$d/audit.jsonl"
+	[[ -z $level ]] || printf 'log:\n  level: %s\n' "$level"
+	# The own blob cache with upstream fetches and coalescing.
+	[[ $cache == 0 ]] || cat <<-EOF
+		cache:
+		  enabled: true
+		  dir: "$d/cache"
+		  plain_http: ["$upstream"]
+	EOF
+}
+
+# write_speculum_config N: node N's speculum.yaml (speculum_config with the rig's knobs:
+# RIG_CONTENT_DIR=config writes the content root by hand, RIG_CACHE=1 turns the cache on).
 write_speculum_config() {
 	local n=$1 d
 	d=$(node_dir "$n")
 	mkdir -p "$d/data"
-	cat >"$d/speculum.yaml" <<-EOF
-		# Generated by tests/rig/rig.sh for node $n.
-		node:
-		  name: "n$n"
-		registry:
-		  mirror_listen: "127.0.0.1:5080"
-		  peer_listen: "0.0.0.0:5081"
-		metrics:
-		  listen: "0.0.0.0:9402"
-		containerd:
-		  socket: "$d/containerd.sock"
-		  namespace: "$RIG_K8S_NS"
-		routing:
-		  listen: "/ip4/0.0.0.0/tcp/5082"
-		  data_dir: "$d/data"
-		  registry_port: 5081
-		  bootstrap:
-		    peers: ["/ip4/$(node_ip 1)/tcp/5082"]
-		hosts:
-		  certs_dir: "$(node_certs "$n")"
-		  mirrored_registries: ["http://$(upstream_host)"]
-		  mirror_endpoint: "http://127.0.0.1:5080"
-		mirror:
-		  tag_resolution: "$RIG_TAG_RESOLUTION"
-		policy:
-		  resolve_tags: $RIG_RESOLVE_TAGS
-		  resolve_latest_tag: $RIG_RESOLVE_LATEST_TAG
-		audit:
-		  file: "$d/audit.jsonl"
-	EOF
-	# The content root comes from containerd's introspection unless RIG_CONTENT_DIR=config
-	# writes it by hand (the override).
-	if [[ ${RIG_CONTENT_DIR:-introspect} == config ]]; then
-		sed -i "s|^  namespace: \"$RIG_K8S_NS\"\$|&\n  content_dir: \"$d/root/io.containerd.content.v1.content\"|" "$d/speculum.yaml"
-	fi
-	# RIG_CACHE=1: the own blob cache with upstream fetches and coalescing (docs/cache.md).
-	if [[ ${RIG_CACHE:-0} == 1 ]]; then
-		cat >>"$d/speculum.yaml" <<-EOF
-			cache:
-			  enabled: true
-			  dir: "$d/cache"
-			  plain_http: ["$(upstream_host)"]
-		EOF
-	fi
+	local content=introspect cache=0
+	[[ ${RIG_CONTENT_DIR:-} != config ]] || content=config
+	[[ ${RIG_CACHE:-0} != 1 ]] || cache=1
+	speculum_config "$d" "n$n" bootstrap="/ip4/$(node_ip 1)/tcp/5082" content_dir=$content \
+		cache=$cache >"$d/speculum.yaml"
 	# RIG_STATUS="1 2" (node numbers) or "all": the node status page on the metrics listener
 	# (docs/status-page.md), keeping the last RIG_STATUS_RECENT requests.
 	if [[ ${RIG_STATUS:-} == all || " ${RIG_STATUS:-} " == *" $n "* ]]; then
@@ -643,7 +589,7 @@ with_lock() {
 	mkdir -p "$(dirname "$RIG_DIR")"
 	exec 9>"$RIG_DIR.lock"
 	# The default lock file is also the machine-wide rig lock that callers hold for a whole test
-	# (`flock /tmp/speculum-rig.lock cargo test …`, tests/cluster.rs): when an ancestor holds it,
+	# (`flock /tmp/speculum-rig.lock cargo test …`, tests/rig/cluster.rs): when an ancestor holds it,
 	# we are inside that caller and locking again would wait for ourselves.
 	if ! lock_held_by_ancestor "$RIG_DIR.lock"; then
 		flock -w "$RIG_TIMEOUT" 9 || die "another rig.sh up/down holds $RIG_DIR.lock"

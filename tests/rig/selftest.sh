@@ -3,7 +3,7 @@
 # from the upstream registry with ctr and with CRI PullImage and lands with the pushed digest,
 # and `down` leaves nothing behind, even after a crash.
 #
-# One job: check the rig itself (tests of speculum live in tests/cluster.rs). Prints a timing
+# One job: check the rig itself (tests of speculum live in tests/rig/cluster.rs). Prints a timing
 # table at the end. Exit status 0 only when every check passed.
 #
 #   sudo tests/rig/selftest.sh          (RIG_BIG_MB=8 for a quick run; default 200)
