@@ -14,14 +14,13 @@
 //! `RIG_CONTAINERD` (1.6 reports its CRI config itself; 2.3 does not, so doctor reads the node's
 //! containerd.toml) — see `tests/cluster.rs`.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use testkit::rig::*;
 use serde::Deserialize;
+use testkit::rig::*;
 
 /// The node doctor examines and breaks; node 1 is its healthy peer.
 const NODE: u32 = 2;

@@ -25,16 +25,15 @@
 //! without it or with `SPECULUM_SKIP_RIG=1`; knobs: `RIG_DIR`, `RIG_NS_PREFIX`, `RIG_SUBNET`,
 //! `SPECULUM_BIN`, `SPECULUM_WEBHOOK_BIN` (default: `speculum-webhook` beside `speculum`).
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
 use testkit::helm::{self, find, name};
 use testkit::rig::*;
-use serde_json::{Value, json};
 
 const NODES: u32 = 3;
 /// Prometheus' web listener, on the upstream namespace's loopback.

@@ -15,7 +15,6 @@
 //! `SPECULUM_SKIP_RIG=1`. Rig knobs: `RIG_DIR`, `RIG_NS_PREFIX`, `RIG_SUBNET` as for every
 //! rig test. Screenshots: `$CARGO_TARGET_TMPDIR/status-page/*.png`.
 
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,9 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use testkit::rig::*;
 use speculum::audit::recent::RecentRequests;
 use speculum::audit::{AuditRecord, AuditSink};
+use testkit::rig::*;
 
 /// The longest one Chromium run may take (start, load, script, dump) on 2 busy cores.
 const BROWSER_WAIT: Duration = Duration::from_secs(90);
