@@ -1,6 +1,6 @@
 //! The decision table every implementation of the default policy must pass: the shipped
 //! `policies/default` bundle through regorus, and [`super::StaticPolicy::default`]. One
-//! function, two callers (the unit test below and `tests/policy.rs`).
+//! function, two callers (the unit test below and `tests/loopback/policy.rs`).
 
 use super::{Action, ImageInput, Input, NodeInput, Policy, RequestInput, Source};
 

@@ -1,5 +1,5 @@
 //! The one conformance suite every [`Router`] must pass: the twin in a unit test, the libp2p
-//! Kademlia router in `tests/routing_kademlia.rs`.
+//! Kademlia router in `tests/loopback/routing_kademlia.rs`.
 //!
 //! The caller says how to build a cluster of `n` connected routers ([`run`]'s `build`); the
 //! suite asks for a three-node cluster and for a lone node and checks the seam's contract:

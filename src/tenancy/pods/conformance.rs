@@ -1,6 +1,6 @@
 //! The one conformance suite every [`Pods`] source must pass: [`MemoryPods`](super::MemoryPods)
 //! and [`FilePods`](super::FilePods) in unit tests, [`KubePods`](super::KubePods) against a
-//! real kube-apiserver in `tests/tenancy_kube.rs`.
+//! real kube-apiserver in `tests/tools/tenancy_kube.rs`.
 //!
 //! A [`Driver`] creates, finishes and deletes pods in the backing source (memory, the pods
 //! file, the API server); the suite checks what the seam promises for the node [`NODE`]: pods
