@@ -133,10 +133,18 @@ pub async fn run(pods: &dyn Pods, driver: &dyn Driver, timing: Timing) {
             .unwrap_or_else(|e| panic!("driver: create {}/{}: {e}", p.namespace, p.name));
     }
 
-    // The index: pods on this node only, tag and digest ignored.
-    let app_pods = || {
-        let got = names(&pods.waiting_for("127.0.0.1:5000", "team/app"));
-        let want = vec![format!("{a}/pinned"), format!("{a}/web")];
+    // The index: pods on this node only, tag and digest ignored. Wait for every pod created on
+    // this node, the last one (in the second namespace) included: a watch delivers namespaces'
+    // events in no promised order, so the first namespace settling says nothing of the second.
+    let indexed = || {
+        let got = (
+            names(&pods.waiting_for("127.0.0.1:5000", "team/app")),
+            names(&pods.waiting_for("127.0.0.1:5000", "team/job")),
+        );
+        let want = (
+            vec![format!("{a}/pinned"), format!("{a}/web")],
+            vec![format!("{b}/job")],
+        );
         async move {
             if got == want {
                 Ok(())
@@ -148,7 +156,7 @@ pub async fn run(pods: &dyn Pods, driver: &dyn Driver, timing: Timing) {
     eventually(
         timing,
         "index holds this node's pods of a repository",
-        app_pods,
+        indexed,
     )
     .await;
     assert!(pods.ready(), "ready once the index holds the pods");
