@@ -151,6 +151,7 @@ impl MemoryNetwork {
                 node.alive.then(|| Peer {
                     id: id.clone(),
                     addr: node.addr,
+                    load: None,
                 })
             })
             .take(limit)
@@ -179,6 +180,7 @@ impl MemoryRouter {
         let router = network.router(Peer {
             id: "self".to_owned(),
             addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            load: None,
         });
         for (key, peers) in entries {
             let key = key.into();
@@ -285,6 +287,7 @@ impl MemoryNetwork {
         Ok(Claim::Follow(Peer {
             id: winner.clone(),
             addr: node.addr,
+            load: None,
         }))
     }
 }
@@ -298,6 +301,7 @@ mod tests {
         Peer {
             id: id.to_owned(),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            load: None,
         }
     }
 

@@ -3,7 +3,8 @@
 //! Keys are strings: a digest (`sha256:…`) for content, `registry/repository:tag` for a tag.
 //! Two implementations: [`kademlia::KademliaRouter`] (libp2p Kademlia DHT, the real one) and
 //! [`memory::MemoryRouter`] (the twin for unit tests), held to one [`conformance`] suite.
-//! [`psk`] reads the private network's pre-shared key; [`metrics`] holds the routing metrics.
+//! [`psk`] reads the private network's pre-shared key; [`metrics`] holds the routing metrics;
+//! [`load`] counts the node's peer-serving streams and carries a holder's load to askers.
 //! What this node advertises is kept in step with its store by `src/advertise.rs`, a service
 //! above this seam.
 
@@ -11,6 +12,7 @@ pub mod bootstrap;
 pub mod claim;
 pub mod conformance;
 pub mod kademlia;
+pub mod load;
 pub mod memory;
 pub mod metrics;
 pub mod psk;
@@ -22,14 +24,45 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub use claim::Claim;
+pub use load::{PeerLoad, ServingLoad, ServingSlot};
 
-/// Another node that holds a key, and where its registry endpoint listens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Another node that holds a key, and where its registry endpoint listens. Two `Peer`s are
+/// the same peer when `id` and `addr` are; `load` is what it said, not who it is.
+#[derive(Debug, Clone)]
 pub struct Peer {
     /// libp2p peer id (or any stable node id for the twin); used in logs and metrics.
     pub id: String,
     /// The peer's registry endpoint (its IP and the cluster-wide registry port).
     pub addr: SocketAddr,
+    /// Its load when it confirmed it holds the key; `None`: not reported (the twin, an older
+    /// daemon).
+    pub load: Option<PeerLoad>,
+}
+
+impl Peer {
+    /// A peer that reported no load.
+    pub fn new(id: impl Into<String>, addr: SocketAddr) -> Peer {
+        Peer {
+            id: id.into(),
+            addr,
+            load: None,
+        }
+    }
+}
+
+impl PartialEq for Peer {
+    fn eq(&self, other: &Peer) -> bool {
+        self.id == other.id && self.addr == other.addr
+    }
+}
+
+impl Eq for Peer {}
+
+impl std::hash::Hash for Peer {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+        self.addr.hash(state);
+    }
 }
 
 /// Errors of the routing seam.

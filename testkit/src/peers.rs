@@ -33,6 +33,7 @@ pub fn peer(name: &str, addr: SocketAddr) -> Peer {
     Peer {
         id: name.to_owned(),
         addr,
+        load: None,
     }
 }
 

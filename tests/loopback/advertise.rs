@@ -51,6 +51,7 @@ fn peer(id: &str) -> Peer {
     Peer {
         id: id.to_owned(),
         addr: SocketAddr::from(([127, 0, 0, 1], 5081)),
+        load: None,
     }
 }
 

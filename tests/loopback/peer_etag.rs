@@ -54,6 +54,7 @@ async fn peer_served_content_has_the_local_headers() {
                 vec![Peer {
                     id: "p".into(),
                     addr: peer,
+                    load: None,
                 }],
             )
         })

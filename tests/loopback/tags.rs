@@ -230,6 +230,7 @@ async fn setup(up: Up, new_at: NewAt, mode: TagResolution, policy: Option<TagRes
                 vec![Peer {
                     id: "peer-new".into(),
                     addr,
+                    load: None,
                 }],
             );
         }

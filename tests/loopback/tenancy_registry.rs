@@ -133,6 +133,7 @@ impl World {
                     vec![Peer {
                         id: "a".into(),
                         addr: server,
+                        load: None,
                     }],
                 )
             })

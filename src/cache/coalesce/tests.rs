@@ -95,6 +95,7 @@ async fn node(i: usize, network: &MemoryNetwork, upstream: SocketAddr) -> Node {
     let router: MemoryRouter = network.router(Peer {
         id: format!("node-{i}"),
         addr,
+        load: None,
     });
     let cache = Cache::open(dir.path(), 64 * 1024 * 1024).unwrap_or_else(|e| panic!("{e}"));
     let config = CacheConfig {

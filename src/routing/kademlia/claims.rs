@@ -76,6 +76,7 @@ impl Node {
         Ok(Claim::Follow(Peer {
             id: peer.to_string(),
             addr: SocketAddr::new(ip, self.config.registry_port),
+            load: None,
         }))
     }
 

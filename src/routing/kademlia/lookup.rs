@@ -252,6 +252,7 @@ impl Node {
                 let found = Peer {
                     id: peer.to_string(),
                     addr: SocketAddr::new(ip, port),
+                    load: None,
                 };
                 if lookup.tx.try_send(found).is_ok() {
                     lookup.sent += 1;
