@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::policy::reload as policy_reload;
 use crate::readiness::{Part, Readiness};
 use crate::registry::tags::TagResolver;
-use crate::registry::{self, Guard, Handler, Mirror, RegistryState, TenancyGuard};
+use crate::registry::{self, Guard, Handler, Mirror, RegistryState};
 use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
 use crate::server::{self, ServeOptions};
@@ -34,7 +34,6 @@ use crate::store::Store;
 use crate::store::containerd::ContainerdStore;
 use crate::store::introspect::{self, Finding};
 use crate::tenancy::Tenancy;
-use crate::tenancy::grants::{GrantChecker, GrantKeys};
 use crate::wire::PeerClient;
 
 /// How often health gauges (peers, containerd reachability, routing readiness) refresh.
@@ -78,23 +77,11 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         .await
         .context("starting tenancy (pod index, peer authentication)")?;
     tracing::info!(?tenancy, "tenancy");
-    let grant_keys = Arc::new(GrantKeys::new(
-        config.tenancy.grants.keys_dir.clone(),
-        config.tenancy.grants.audience.clone(),
-    ));
     let guard = Guard {
         gate: gate.clone(),
         audit,
         node: config.node.name.clone(),
-        tenancy: TenancyGuard {
-            pods: tenancy.pods.clone(),
-            grants: Some(Arc::new(GrantChecker::new(
-                grant_keys,
-                tenancy.pods.clone(),
-            ))),
-            tokens: tenancy.tokens.clone(),
-            verifier: tenancy.verifier.clone(),
-        },
+        tenancy,
     };
     let (policy_stop, policy_shutdown) = shutdown::channel();
     let policy_task = tokio::spawn(policy_reload::watch(
@@ -318,7 +305,7 @@ pub fn metrics_app(metrics: Metrics, readiness: Readiness) -> axum::Router {
                 let metrics = metrics.clone();
                 async move {
                     (
-                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        [("content-type", crate::metrics::text::CONTENT_TYPE)],
                         metrics.encode(),
                     )
                 }

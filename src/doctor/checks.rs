@@ -586,12 +586,10 @@ pub fn judge_readyz(status: u16, body: &str) -> Finding {
     }
 }
 
-/// The value of an unlabelled sample `name` in Prometheus text, `None` when absent. Pure.
+/// The value of `name` in Prometheus text (summed over its series; an unlabelled gauge is one),
+/// `None` when absent. Pure.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (n, v) = l.trim().split_once(' ')?;
-        (n == name).then(|| v.split_whitespace().next()?.parse().ok())?
-    })
+    crate::metrics::text::sum(text, name, &[])
 }
 
 /// `dht.peers` from the daemon's gauges. Pure.

@@ -9,11 +9,11 @@ use std::time::Instant;
 use axum::response::{IntoResponse, Response};
 
 use super::access_log::AccessLog;
-use super::guard::Guard;
-use super::metrics::{Handler, Outcome, Source};
+use super::guard::{Admitted, Guard};
+use super::metrics::{Outcome, Source};
 use super::{PullRequest, RegistryError, RegistryState, from_cache, local, tags};
 use crate::oci::{Digest, Kind, Target};
-use crate::policy::{self, Gate};
+use crate::policy;
 
 impl RegistryState {
     /// Answers a valid request: local store first, then peers (mirror endpoint only, and never
@@ -31,68 +31,10 @@ impl RegistryState {
             &guard.node,
             guard.audit.clone(),
         );
-        if let Some(who) = &req.requester {
-            log.set_requester(who.node.clone());
-        }
-        let mut input = guard.input(&req, self.handler);
-        input.namespaces = self.namespaces(guard, &req);
-        log.set_namespaces(input.namespaces.clone());
-        let mut decision = guard.gate.decide(&input);
-        // The object's digest, resolved at most once: the peer side needs it before deciding
-        // (a grant covers a manifest's closure), everyone else after.
-        let mut digest: Option<Option<Digest>> = None;
-        if decision.require_grant {
-            let granted = match self.handler {
-                Handler::Mirror => self.grants_to_send(guard, &mut req).await,
-                Handler::Peer => {
-                    let d = self.resolve(&req).await;
-                    let result = self.grant_presented(guard, &req, d.as_ref()).await;
-                    digest = Some(d);
-                    result
-                }
-            };
-            match granted {
-                Ok((grant, label)) => {
-                    input.grant = Some(grant);
-                    log.set_grant(label);
-                    decision = guard.gate.decide(&input);
-                }
-                Err(refusal) => {
-                    let reason = refusal.reason();
-                    log.decided(false, &reason);
-                    tracing::debug!(
-                        registry = req.ns.as_deref().unwrap_or(""),
-                        reference = %req.path.target,
-                        decision = "deny",
-                        reason = %reason,
-                        "private object refused"
-                    );
-                    // On the peer endpoint an authenticated daemon learns why (403); containerd
-                    // only ever sees 404 and goes upstream with its own credentials.
-                    let e = match self.handler {
-                        Handler::Peer => RegistryError::Denied(reason),
-                        Handler::Mirror => req.not_found(),
-                    };
-                    log.finish(e.status(), 0, None);
-                    return (e.into_response(), Outcome::Miss);
-                }
-            }
-        }
-        let permitted = Gate::permits(&decision, &input);
-        log.decided(permitted, &decision.reason);
-        if !permitted {
-            // Not from us: containerd goes to the next host and finally upstream.
-            tracing::debug!(
-                registry = req.ns.as_deref().unwrap_or(""),
-                reference = %req.path.target,
-                decision = "deny",
-                reason = %decision.reason,
-                "policy denied"
-            );
-            let e = req.not_found();
-            log.finish(e.status(), 0, None);
-            return (e.into_response(), Outcome::Miss);
-        }
+        let Admitted { decision, digest } = match self.admit(guard, &mut req, &log).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return (refused, Outcome::Miss),
+        };
         if let Some(response) = self.resolve_tag(&decision, &mut req, &log).await {
             return (response, Outcome::Miss);
         }

@@ -15,10 +15,8 @@ use super::{PullRequest, RegistryError, RegistryState};
 use crate::audit::{AuditSink, NullSink};
 use crate::oci::{Digest, Target};
 use crate::policy::{self, Gate};
-use crate::tenancy::grants::{GrantChecker, Refusal};
-use crate::tenancy::peer_auth::{PeerTokens, PeerVerifier};
-use crate::tenancy::pods::Pods;
-use crate::tenancy::{GRANT_HEADER, MAX_GRANTS_PER_REQUEST};
+use crate::tenancy::grants::Refusal;
+use crate::tenancy::{GRANT_HEADER, MAX_GRANTS_PER_REQUEST, Tenancy};
 
 /// The policy side of a listener: the decision gate, where audit records go, and this node's
 /// name for both.
@@ -27,21 +25,8 @@ pub struct Guard {
     pub gate: Gate,
     pub audit: Arc<dyn AuditSink>,
     pub node: String,
-    pub tenancy: TenancyGuard,
-}
-
-/// The multi-tenant parts of a listener (`docs/tenancy.md`); all off by default.
-#[derive(Clone, Default)]
-pub struct TenancyGuard {
-    /// The node pod index: fills the policy input `namespaces` on the mirror endpoint.
-    pub pods: Option<Arc<dyn Pods>>,
-    /// Grant checks. `None`: no keys, so objects the policy marks `require_grant` are never
-    /// served peer to peer (or from this node to its containerd through the mirror).
-    pub grants: Option<Arc<GrantChecker>>,
-    /// Mirror endpoint: the proof sent to peers.
-    pub tokens: Option<Arc<dyn PeerTokens>>,
-    /// Peer endpoint: the proof required from peers; `None` accepts anyone.
-    pub verifier: Option<Arc<dyn PeerVerifier>>,
+    /// The multi-tenant parts (`docs/tenancy.md`); `Tenancy::default()`: all off.
+    pub tenancy: Tenancy,
 }
 
 impl Guard {
@@ -51,7 +36,7 @@ impl Guard {
             gate: Gate::allow_all(),
             audit: Arc::new(NullSink),
             node: String::new(),
-            tenancy: TenancyGuard::default(),
+            tenancy: Tenancy::default(),
         }
     }
 
@@ -105,7 +90,91 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// What the guard let through: the decision the responders follow, and the object's digest
+/// when the grant exchange already resolved it (`Some`; the peer endpoint resolves before
+/// deciding, since a grant covers a manifest's closure).
+pub(super) struct Admitted {
+    pub decision: policy::Decision,
+    pub digest: Option<Option<Digest>>,
+}
+
 impl RegistryState {
+    /// The decision chain, in the order `docs/tenancy.md` gives: the policy input (namespaces
+    /// from this node's pods or from the presented grants) → decide → for a private object,
+    /// the grant exchange → decide again → permitted? `Err` is the refusal's response, already
+    /// logged and audited: on the mirror endpoint always a 404 (containerd goes upstream with
+    /// its own credentials), on the peer endpoint a 403 for a refused grant.
+    pub(super) async fn admit(
+        &self,
+        guard: &Guard,
+        req: &mut PullRequest,
+        log: &AccessLog,
+    ) -> Result<Admitted, Response> {
+        if let Some(who) = &req.requester {
+            log.set_requester(who.node.clone());
+        }
+        let mut input = guard.input(req, self.handler);
+        input.namespaces = self.namespaces(guard, req);
+        log.set_namespaces(input.namespaces.clone());
+        let mut decision = guard.gate.decide(&input);
+        // The object's digest, resolved at most once: the peer side needs it before deciding
+        // (a grant covers a manifest's closure), everyone else after.
+        let mut digest: Option<Option<Digest>> = None;
+        if decision.require_grant {
+            let granted = match self.handler {
+                Handler::Mirror => self.grants_to_send(guard, req).await,
+                Handler::Peer => {
+                    let d = self.resolve(req).await;
+                    let result = self.grant_presented(guard, req, d.as_ref()).await;
+                    digest = Some(d);
+                    result
+                }
+            };
+            match granted {
+                Ok((grant, label)) => {
+                    input.grant = Some(grant);
+                    log.set_grant(label);
+                    decision = guard.gate.decide(&input);
+                }
+                Err(refusal) => {
+                    let reason = refusal.reason();
+                    log.decided(false, &reason);
+                    tracing::debug!(
+                        registry = req.ns.as_deref().unwrap_or(""),
+                        reference = %req.path.target,
+                        decision = "deny",
+                        reason = %reason,
+                        "private object refused"
+                    );
+                    // On the peer endpoint an authenticated daemon learns why (403); containerd
+                    // only ever sees 404 and goes upstream with its own credentials.
+                    let e = match self.handler {
+                        Handler::Peer => RegistryError::Denied(reason),
+                        Handler::Mirror => req.not_found(),
+                    };
+                    log.finish(e.status(), 0, None);
+                    return Err(e.into_response());
+                }
+            }
+        }
+        let permitted = Gate::permits(&decision, &input);
+        log.decided(permitted, &decision.reason);
+        if !permitted {
+            // Not from us: containerd goes to the next host and finally upstream.
+            tracing::debug!(
+                registry = req.ns.as_deref().unwrap_or(""),
+                reference = %req.path.target,
+                decision = "deny",
+                reason = %decision.reason,
+                "policy denied"
+            );
+            let e = req.not_found();
+            log.finish(e.status(), 0, None);
+            return Err(e.into_response());
+        }
+        Ok(Admitted { decision, digest })
+    }
+
     /// Peer endpoint with a verifier: the request must carry a token proving a daemon of this
     /// cluster sent it; otherwise 401 and an audit line. Everything else passes untouched.
     pub(super) async fn authenticate(

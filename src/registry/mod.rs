@@ -52,7 +52,7 @@ pub use crate::wire::HOP_HEADER;
 pub use config::MirrorConfig;
 pub use config::RegistryConfig;
 pub use error::{RegistryError, refusal};
-pub use guard::{Guard, TenancyGuard};
+pub use guard::Guard;
 pub use peers::Mirror;
 pub use request::PullRequest;
 

@@ -187,26 +187,9 @@ impl Gauges {
     /// The sum of every sample of `name` carrying all of `labels` (0 when none), rounded down
     /// to an integer (every number the page shows is a count of something).
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let total: f64 = self
-            .0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let (metric, rest) = match series.split_once('{') {
-                    Some((m, rest)) => (m, rest),
-                    None => (series, ""),
-                };
-                if metric != name {
-                    return None;
-                }
-                // Label values here are small fixed sets without quotes or commas inside
-                // (src/metrics.rs), so a substring match on `key="value"` is exact enough.
-                let matches = labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-                matches.then(|| value.parse::<f64>().ok()).flatten()
-            })
+        let total: f64 = crate::metrics::text::samples(&self.0)
+            .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.has_label(k, v)))
+            .map(|s| s.value)
             .filter(|v| v.is_finite() && *v > 0.0)
             .sum();
         total as u64

@@ -31,6 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::shutdown::Shutdown;
+use grants::{GrantChecker, GrantKeys};
 use peer_auth::{JwksVerifier, PeerTokens, PeerVerifier, SharedKey, TokenFile};
 use pods::{FilePods, KubePods, Pods};
 
@@ -250,12 +251,18 @@ pub enum TenancyError {
     Config(String),
 }
 
-/// The tenancy parts the registry uses, built from the `tenancy:` section. `None` where the
-/// config turns a part off.
+/// The tenancy parts the registry's guard uses (`docs/tenancy.md`), built from the
+/// `tenancy:` section. `None` where the config turns a part off; `Tenancy::default()` is
+/// everything off (a single-tenant daemon, most tests).
 #[derive(Clone, Default)]
 pub struct Tenancy {
-    /// The node pod index and pod directory (`tenancy.pods.source` not `none`).
+    /// The node pod index and pod directory (`tenancy.pods.source` not `none`): fills the
+    /// policy input `namespaces` on the mirror endpoint.
     pub pods: Option<Arc<dyn Pods>>,
+    /// Grant checks. `None`: objects the policy marks `require_grant` are never served peer to
+    /// peer (or from this node to its containerd through the mirror). Built always by
+    /// [`Tenancy::build`]; with no `tenancy.grants.keys_dir` no grant verifies.
+    pub grants: Option<Arc<GrantChecker>>,
     /// Tokens this daemon sends to peers (`tenancy.peer_auth.mode` not `none`).
     pub tokens: Option<Arc<dyn PeerTokens>>,
     /// Verifies tokens peers send (`tenancy.peer_auth.mode` not `none`).
@@ -266,6 +273,7 @@ impl std::fmt::Debug for Tenancy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tenancy")
             .field("pods", &self.pods.is_some())
+            .field("grants", &self.grants.is_some())
             .field("tokens", &self.tokens.is_some())
             .field("verifier", &self.verifier.is_some())
             .finish()
@@ -356,8 +364,14 @@ impl Tenancy {
                 ))),
             ),
         };
+        let keys = Arc::new(GrantKeys::new(
+            config.grants.keys_dir.clone(),
+            config.grants.audience.clone(),
+        ));
+        let grants = Some(Arc::new(GrantChecker::new(keys, pods.clone())));
         Ok(Tenancy {
             pods,
+            grants,
             tokens,
             verifier,
         })

@@ -18,9 +18,10 @@ use speculum::audit::memory::MemorySink;
 use speculum::metrics::Metrics;
 use speculum::policy::Gate;
 use speculum::readiness::Readiness;
-use speculum::registry::{self, Guard, Handler, RegistryState, TenancyGuard};
+use speculum::registry::{self, Guard, Handler, RegistryState};
 use speculum::server::{self as listen, ServeOptions};
 use speculum::store::containerd::{ContainerdConfig, ContainerdStore};
+use speculum::tenancy::Tenancy;
 use testkit::containerd::Containerd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -147,7 +148,7 @@ async fn server(f: &Fixture, options: ServeOptions) -> Server {
             gate: Gate::allow_all(),
             audit: Arc::new(audit.clone()),
             node: "test".to_owned(),
-            tenancy: TenancyGuard::default(),
+            tenancy: Tenancy::default(),
         },
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -12,10 +12,11 @@ use speculum::audit::{AuditRecord, MemorySink};
 use speculum::oci::Digest;
 use speculum::policy::{Decision, Gate, PolicyMetrics, StaticPolicy, Switches};
 use speculum::readiness::Readiness;
-use speculum::registry::{self, Guard, Handler, Mirror, MirrorConfig, RegistryState, TenancyGuard};
+use speculum::registry::{self, Guard, Handler, Mirror, MirrorConfig, RegistryState};
 use speculum::routing::Peer;
 use speculum::routing::memory::MemoryRouter;
 use speculum::store::memory::MemoryStore;
+use speculum::tenancy::Tenancy;
 use speculum::tenancy::grants::{GrantChecker, GrantKeys};
 use speculum::tenancy::peer_auth::{PeerTokens, PeerVerifier, SharedKey};
 use speculum::tenancy::pods::{MemoryPods, PodInfo, Pods};
@@ -112,7 +113,7 @@ impl World {
                 gate: private_gate(),
                 audit: Arc::new(server_audit.clone()),
                 node: "a".into(),
-                tenancy: TenancyGuard {
+                tenancy: Tenancy {
                     pods: Some(pods_dyn.clone()),
                     grants: Some(Arc::new(GrantChecker::new(keys(), Some(pods_dyn)))),
                     tokens: None,
@@ -164,7 +165,7 @@ impl World {
                 gate: private_gate(),
                 audit: Arc::new(mirror_audit.clone()),
                 node: "b".into(),
-                tenancy: TenancyGuard {
+                tenancy: Tenancy {
                     pods: Some(pods_dyn.clone()),
                     grants: Some(Arc::new(GrantChecker::new(keys(), Some(pods_dyn)))),
                     tokens: Some(tokens),

@@ -252,6 +252,7 @@ pub async fn serve_metrics(
                 (
                     [(
                         header::CONTENT_TYPE,
+                        // The same as the daemon's (speculum::metrics::text::CONTENT_TYPE).
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
                     m.encode(),

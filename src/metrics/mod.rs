@@ -3,11 +3,14 @@
 //! `app/core/src/metrics.rs`): the composition root builds it and hands each part only its
 //! own struct; `/metrics` encodes it. The families live with the code that records them
 //! (`registry::metrics`, `routing::metrics`, `cache::metrics`, `policy`, `audit`); only the
-//! daemon-wide health gauges are defined here. Imported by the composition root only.
+//! daemon-wide health gauges are defined here. Imported by the composition root only; [`text`]
+//! reads an exposition back (doctor, status page).
 //!
 //! Names follow `speculum_<subsystem>_<what>_<unit>` and are pinned by
 //! `tests/loopback/metrics_names.rs`; label values are lower case, `snake_case` (`mirror`,
 //! `peer_inflight`).
+
+pub mod text;
 
 use std::sync::Arc;
 
