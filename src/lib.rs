@@ -43,8 +43,8 @@
 //! 2. `server/http1.rs`: parses the request head within the header limits (a refusal is
 //!    answered through `registry/error.rs`).
 //! 3. `registry/request.rs`: `PullRequest::parse`: registry, repository, reference or digest.
-//! 4. `registry/guard.rs`: the policy and tenancy decision: authenticate the client, build the
-//!    policy input, decide, exchange grants with the peer, decide again.
+//! 4. `registry/guard.rs`: the policy and tenancy decision (`admit` → `Admitted`): authenticate
+//!    the client, build the policy input, decide, exchange grants with the peer, decide again.
 //! 5. `registry/answer.rs`: the responders in order, local → cache → peers → cold → 404
 //!    (`registry/local.rs`, `registry/from_cache.rs`, `registry/peers.rs`); the first that
 //!    serves wins, a 404 sends containerd to the upstream registry.
@@ -71,6 +71,7 @@
 //! | where a local blob's Range is applied | `oci/range.rs` | parsed there, served by `registry/local.rs` |
 //! | which component stops first on SIGTERM | `app.rs` | `run`: readiness fails → DHT records withdrawn → stop accepting → drain |
 //! | what is advertised to the DHT | `advertise.rs` | filtered by `policy::Advert` |
+//! | how doctor and the status page read the daemon's numbers | `metrics/text.rs` | `sum`, `samples`: by metric name, as Prometheus sees them |
 
 pub mod advertise;
 pub mod app;
