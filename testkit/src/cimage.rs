@@ -83,10 +83,12 @@ impl CImageNode {
         let files = [
             ("registries.conf", REGISTRIES_CONF.to_owned()),
             ("policy.json", POLICY_JSON.to_owned()),
+            // `graphroot`, not `root`: podman 4.3's containers/storage warns "Failed to decode
+            // the keys [storage.root]" and then refuses to start without a graphroot.
             (
                 "storage.conf",
                 format!(
-                    "[storage]\ndriver = \"vfs\"\nroot = \"{}\"\nrunroot = \"{}\"\n",
+                    "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
                     node.root().display(),
                     node.runroot().display()
                 ),
