@@ -45,9 +45,7 @@ const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_SERVER: &str = "registry-1.docker.io";
 
 /// The container runtime `speculum configure` and `cleanup` write for.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 pub enum Runtime {
     /// containerd: `<certs_dir>/<registry>/hosts.toml` (this module).
     #[default]

@@ -19,9 +19,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::{
-    Action, CREATED_MARKER, DEFAULT_DIR, Found, HostsConfig, HostsError, MARKER,
-    MirroredRegistry, Report, cleanup_file, io_err, keep_backup, look, mode_of, parse_url,
-    remove_stale, write_atomic,
+    Action, CREATED_MARKER, DEFAULT_DIR, Found, HostsConfig, HostsError, MARKER, MirroredRegistry,
+    Report, cleanup_file, io_err, keep_backup, look, mode_of, parse_url, remove_stale,
+    write_atomic,
 };
 
 /// containers/image's drop-in directory (`/etc/containers/registries.conf.d`).
@@ -175,7 +175,10 @@ pub fn render(cfg: &HostsConfig) -> Result<String, HostsError> {
             // containers/image's `insecure` is what allows plain http (after trying https).
             out.push_str("insecure = true\n");
         }
-        out.push_str(&format!("pull-from-mirror = {}\n", quoted(pull_from_mirror)));
+        out.push_str(&format!(
+            "pull-from-mirror = {}\n",
+            quoted(pull_from_mirror)
+        ));
     }
     Ok(out)
 }
@@ -333,10 +336,7 @@ fn reload_in(cfg: &HostsConfig, proc_root: &Path) -> Reload {
             };
             if !is_crio(proc_root, pid) {
                 return Reload::NoProcess {
-                    why: format!(
-                        "pid {pid} from {} is not a running crio",
-                        file.display()
-                    ),
+                    why: format!("pid {pid} from {} is not a running crio", file.display()),
                 };
             }
             (pid, file.display().to_string())
@@ -400,9 +400,21 @@ mod tests {
         let cases: &[(&str, &str, Option<&str>)] = &[
             ("plain host", "docker.io", Some("docker.io")),
             ("port becomes _port", "10.0.0.5:5000", Some("10.0.0.5_5000")),
-            ("localhost with port", "localhost:5000", Some("localhost_5000")),
-            ("upper case lowered", "Registry.Example.COM", Some("registry.example.com")),
-            ("dashes kept", "my-registry.example", Some("my-registry.example")),
+            (
+                "localhost with port",
+                "localhost:5000",
+                Some("localhost_5000"),
+            ),
+            (
+                "upper case lowered",
+                "Registry.Example.COM",
+                Some("registry.example.com"),
+            ),
+            (
+                "dashes kept",
+                "my-registry.example",
+                Some("my-registry.example"),
+            ),
             ("ipv6 refused", "[::1]:5000", None),
             ("trailing dash refused", "host-", None),
             ("dot dash refused", "a.-b", None),
@@ -445,6 +457,9 @@ mod tests {
             crio_find_process: false,
             ..HostsConfig::default()
         };
-        assert!(matches!(reload_in(&off, proc_root), Reload::NoProcess { .. }));
+        assert!(matches!(
+            reload_in(&off, proc_root),
+            Reload::NoProcess { .. }
+        ));
     }
 }

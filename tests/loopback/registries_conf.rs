@@ -137,7 +137,11 @@ fn validate_reports_each_problem_for_cri_o_only() {
     let dir = Path::new("/etc/containers/registries.conf.d");
     // (name, config, substrings of the problems, in order)
     let cases: Vec<(&str, HostsConfig, Vec<&str>)> = vec![
-        ("default cri-o config", config(dir, &["https://docker.io"]), vec![]),
+        (
+            "default cri-o config",
+            config(dir, &["https://docker.io"]),
+            vec![],
+        ),
         (
             "relative dir, .conf backup suffix, relative pid file",
             HostsConfig {
@@ -213,7 +217,11 @@ fn snapshot(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, u64)> {
     for entry in entries {
         let path = entry.expect("entry").path();
         let meta = fs::symlink_metadata(&path).expect("metadata");
-        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         let bytes = if meta.is_file() {
             fs::read(&path).expect("read")
         } else {
@@ -286,7 +294,8 @@ fn fresh_dir_configure_twice_then_cleanup_twice() {
 fn a_file_of_theirs_at_our_path_comes_back_byte_for_byte() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_owned();
-    let theirs = b"# the operator's own, not TOML we would write\r\n[[registry]]\nprefix = \"x.test\"\n";
+    let theirs =
+        b"# the operator's own, not TOML we would write\r\n[[registry]]\nprefix = \"x.test\"\n";
     let file = dir.join(DROP_IN);
     fs::write(&file, theirs).expect("write theirs");
     fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -407,7 +416,10 @@ fn a_new_file_of_theirs_beside_the_backup_is_left_for_a_human() {
 fn fake_crio(dir: &Path) -> Child {
     let bin = dir.join("crio");
     fs::copy("/bin/sleep", &bin).expect("copy sleep");
-    Command::new(&bin).arg("60").spawn().expect("start fake crio")
+    Command::new(&bin)
+        .arg("60")
+        .spawn()
+        .expect("start fake crio")
 }
 
 /// Waits (at most 20 s) for `child` to end; the signal that ended it.

@@ -64,7 +64,10 @@ fn crio_pulls_through_the_drop_in_speculum_configures() -> Result<()> {
     let t0 = Instant::now();
     let crio = crio_sh();
     rig.call(&[&crio, "bin"])?;
-    rig.step(&format!("CRI-O ready to run ({:?}, built or cached)", t0.elapsed()));
+    rig.step(&format!(
+        "CRI-O ready to run ({:?}, built or cached)",
+        t0.elapsed()
+    ));
     rig.call(&[&crio, "start", "1"])?;
     let dir = PathBuf::from(rig.call(&[&crio, "dir", "1"])?.trim());
     let log = dir.join("crio.log");
@@ -108,7 +111,10 @@ fn crio_pulls_through_the_drop_in_speculum_configures() -> Result<()> {
         .call(&[&crio, "pull", "1", &reference])
         .context("CRI pull through CRI-O")?;
     check_cri_result(&out, small)?;
-    let want = format!("Trying to access \\\"{location}/{}:v1\\\"", small.repository);
+    let want = format!(
+        "Trying to access \\\"{location}/{}:v1\\\"",
+        small.repository
+    );
     let asked = wait_log(&log, &want, 1)
         .with_context(|| format!("CRI-O should have asked the mirror ({want})"))?;
     rig.step(&format!(
@@ -125,7 +131,9 @@ fn crio_pulls_through_the_drop_in_speculum_configures() -> Result<()> {
     // keeps it reachable (as an operator's own file would).
     std::fs::write(
         dir.join("etc/registries.conf.d/50-upstream.conf"),
-        format!("[[registry]]\nprefix = \"{upstream}\"\nlocation = \"{upstream}\"\ninsecure = true\n"),
+        format!(
+            "[[registry]]\nprefix = \"{upstream}\"\nlocation = \"{upstream}\"\ninsecure = true\n"
+        ),
     )?;
     let cleaned = rig.call(&[
         "node_exec",

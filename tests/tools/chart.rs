@@ -433,11 +433,19 @@ fn assert_objects(case: &str, objects: &[Value], defaults: &Value) {
         // No containerd socket or content store on a CRI-O node; the drop-in directory
         // instead of certs.d, and CRI-O's pid directory (read-only) when it is signalled.
         "cri-o" => vec![
-            ("registries-conf-dir", "/etc/containers/registries.conf.d", false),
+            (
+                "registries-conf-dir",
+                "/etc/containers/registries.conf.d",
+                false,
+            ),
             ("data", "/var/lib/speculum", false),
         ],
         "cri-o signal" => vec![
-            ("registries-conf-dir", "/etc/containers/registries.conf.d", false),
+            (
+                "registries-conf-dir",
+                "/etc/containers/registries.conf.d",
+                false,
+            ),
             ("crio-pid", "/run/crio", true),
             ("data", "/var/lib/speculum", false),
         ],
@@ -458,10 +466,20 @@ fn assert_objects(case: &str, objects: &[Value], defaults: &Value) {
     };
     // hostPID only to signal CRI-O: a pid means nothing outside the host's pid namespace.
     let host_pid = case == "cri-o signal";
-    assert_eq!(pod["hostPID"].as_bool().unwrap_or(false), host_pid, "{case}");
+    assert_eq!(
+        pod["hostPID"].as_bool().unwrap_or(false),
+        host_pid,
+        "{case}"
+    );
     let init_args = &container(pod, "initContainers", "configure")["args"];
     let want_init = if crio {
-        json!(["configure", "--runtime", "cri-o", "--config", "/etc/speculum/config.yaml"])
+        json!([
+            "configure",
+            "--runtime",
+            "cri-o",
+            "--config",
+            "/etc/speculum/config.yaml"
+        ])
     } else {
         json!(["configure", "--config", "/etc/speculum/config.yaml"])
     };

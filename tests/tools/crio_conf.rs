@@ -66,7 +66,9 @@ impl Drop for RecordingMirror {
 /// timeout and a request count.
 fn serve(conn: TcpStream, seen: &Mutex<Vec<String>>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    let Ok(mut out) = conn.try_clone() else { return };
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(conn);
     for _ in 0..100 {
         let mut line = String::new();
@@ -141,7 +143,9 @@ async fn skopeo_and_podman_read_the_drop_in_and_fall_back_past_a_404_mirror() {
     }
     let registry = Registry::start(Auth::None);
     let upstream = registry.host();
-    let digest = registry.push_image("crio/small", "v1", "amd64", "crio-conf").await;
+    let digest = registry
+        .push_image("crio/small", "v1", "amd64", "crio-conf")
+        .await;
     let mirror = RecordingMirror::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     let node = CImageNode::new(tmp.path().join("node")).expect("node");
@@ -211,7 +215,10 @@ async fn skopeo_and_podman_read_the_drop_in_and_fall_back_past_a_404_mirror() {
         )
     })
     .expect("straight from upstream after cleanup");
-    assert_eq!(testkit::registries::sha256(plain.trim_end().as_bytes()), digest);
+    assert_eq!(
+        testkit::registries::sha256(plain.trim_end().as_bytes()),
+        digest
+    );
     assert_eq!(
         mirror.requests().len(),
         before,
