@@ -92,6 +92,7 @@ pub struct HostsConfig {
 impl Default for HostsConfig {
     fn default() -> Self {
         HostsConfig {
+            runtime: Runtime::Containerd,
             certs_dir: PathBuf::from("/etc/containerd/certs.d"),
             mirrored_registries: [
                 "https://docker.io",

@@ -450,9 +450,12 @@ fn a_change_sends_sighup_to_the_crio_the_pid_file_names() {
     };
     // /proc/PID/comm is set at exec; poll until the child has exec'd (bounded).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fs::read_to_string(format!("/proc/{}/comm", crio.id())).map(|c| c.trim().to_owned())
-        != Ok("crio".to_owned())
-    {
+    let comm = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim() == "crio")
+            .unwrap_or(false)
+    };
+    while !comm(crio.id()) {
         assert!(Instant::now() < deadline, "fake crio never exec'd");
         std::thread::sleep(Duration::from_millis(10));
     }
