@@ -847,6 +847,7 @@ mod tests {
             (
                 "everything wrong",
                 ContainerdConfig {
+                    enabled: true,
                     socket: "x".into(),
                     namespace: "-".into(),
                     content_dir: Some("c".into()),
