@@ -188,7 +188,7 @@ fn validate_reports_each_problem_for_cri_o_only() {
 fn runtime_key_parses_from_yaml_and_env() {
     let cfg = speculum::config::load(
         None,
-        [("SPECULUM_HOSTS_RUNTIME".to_owned(), "cri-o".to_owned())].into_iter(),
+        [("SPECULUM_HOSTS_RUNTIME".to_owned(), "cri-o".to_owned())],
         &[(
             "hosts.registries_conf_dir".to_owned(),
             "/srv/registries.conf.d".to_owned(),

@@ -4,8 +4,9 @@
 //! - accept the file (a drop-in it cannot parse fails every pull on the node),
 //! - send the manifest request to the mirror with the upstream in the path, a port written
 //!   `_port` (`/v2/127.0.0.1_PORT/<repo>/manifests/<tag>`),
-//! - fall back to the upstream when the mirror answers 404, so the pull still succeeds;
-//! and `cleanup` must leave the node pulling straight from upstream again.
+//! - fall back to the upstream when the mirror answers 404, so the pull still succeeds.
+//!
+//! And `cleanup` must leave the node pulling straight from upstream again.
 //!
 //! The mirror here is a recording stub (the daemon's path-encoded serving is tested in the
 //! crioserve files); the upstream is a real `docker-registry`. Needs root (the node's mount
