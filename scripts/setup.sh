@@ -25,6 +25,11 @@ APT_PACKAGES=(
   buildah           # tests/tools/image.rs: builds the Dockerfile's final stage without a Docker daemon
   prometheus        # tests/rig/prometheus.rs: real Prometheus scrapes the rig; promtool checks chart/files/alerts
   chromium chromium-driver # tests/rig/status_page.rs: the node status page in a real headless browser
+  # CRI-O and the containers/image clients (docs/crio.md): podman + skopeo read the drop-in in
+  # tests/tools/crio_conf.rs and testkit::cimage nodes; tests/crio/crio.sh builds real CRI-O
+  # (Go module proxy, cgo seccomp) and runs it with Debian's conmon and crun.
+  podman conmon crun          # containers/image's pull path; CRI-O's monitor and OCI runtime
+  libseccomp-dev pkg-config   # the CRI-O build (cgo, seccomp); gpgme is left out by a build tag
 )
 # Go ≥ 1.26 builds the rig's CRI client (Debian's golang-go is too old; the machine's Go is used).
 # The same Go builds the Kubernetes E2E tier's kube-apiserver and etcd from pinned wrapper modules

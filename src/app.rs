@@ -92,9 +92,18 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         policy_shutdown,
     ));
 
-    let containerd =
-        Arc::new(ContainerdStore::new(config.containerd.clone()).context("containerd store")?);
-    let store: Arc<dyn Store> = containerd.clone();
+    // Without containerd (a CRI-O node) the store is empty: the node serves peers from its
+    // cache only, and containerd holds no part of readiness.
+    let containerd = match config.containerd.enabled {
+        true => Some(Arc::new(
+            ContainerdStore::new(config.containerd.clone()).context("containerd store")?,
+        )),
+        false => None,
+    };
+    let store: Arc<dyn Store> = match &containerd {
+        Some(c) => c.clone(),
+        None => Arc::new(crate::store::memory::MemoryStore::new()),
+    };
 
     let (router_stop, router_shutdown) = shutdown::channel();
     let (router, mut router_task) = kademlia::start(config.routing.clone(), router_shutdown.wait())
@@ -350,9 +359,10 @@ fn status_sources(
     }
 }
 
-/// Refreshes the peers gauge and the routing and containerd parts of readiness.
+/// Refreshes the peers gauge and the routing and containerd parts of readiness (`None`:
+/// `containerd.enabled: false`, nothing to ask).
 async fn health(
-    containerd: Arc<ContainerdStore>,
+    containerd: Option<Arc<ContainerdStore>>,
     certs_dir: std::path::PathBuf,
     router: KademliaRouter,
     metrics: Metrics,
@@ -374,12 +384,16 @@ async fn health(
         } else {
             readiness.block(Part::Routing, "listener not bound yet");
         }
+        let Some(containerd) = &containerd else {
+            metrics.set_ready(readiness.is_ready());
+            continue;
+        };
         match containerd.ping().await {
             Ok(()) => {
                 readiness.release(Part::Containerd);
                 if !inspected {
                     inspected = check_containerd_config(
-                        &containerd,
+                        containerd,
                         &certs_dir,
                         &metrics,
                         &readiness,

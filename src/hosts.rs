@@ -14,6 +14,12 @@
 //! Every file we write starts with [`MARKER`]; that line alone tells ours from theirs. Serving
 //! the mirror, and whether containerd is actually configured with `config_path`, are not this
 //! module's business. The contract for operators is in `docs/hosts.md`.
+//!
+//! CRI-O, podman and skopeo (containers/image) read a registries.conf.d drop-in instead: that
+//! is [`registries_conf`], which shares this module's config section and file discipline
+//! (marker, backup, atomic write); `runtime` says which of the two `speculum configure` writes.
+
+pub mod registries_conf;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -38,10 +44,24 @@ const CREATED_MARKER: &str = ".speculum-created-dir";
 const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_SERVER: &str = "registry-1.docker.io";
 
+/// The container runtime `speculum configure` and `cleanup` write for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub enum Runtime {
+    /// containerd: `<certs_dir>/<registry>/hosts.toml` (this module).
+    #[default]
+    #[serde(rename = "containerd")]
+    Containerd,
+    /// CRI-O (and podman, skopeo): one drop-in in `registries_conf_dir` ([`registries_conf`]).
+    #[serde(rename = "cri-o")]
+    CriO,
+}
+
 /// The `hosts:` section of the daemon config.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HostsConfig {
+    /// Which runtime's files `configure` and `cleanup` manage.
+    pub runtime: Runtime,
     /// containerd's `registry.config_path`.
     pub certs_dir: PathBuf,
     /// `https://ghcr.io`, `http://10.0.0.5:5000`, … (the scheme is the upstream's), or
@@ -59,11 +79,20 @@ pub struct HostsConfig {
     pub prepend_existing: bool,
     /// The operator's original is kept as `hosts.toml<backup_suffix>` in the same directory.
     pub backup_suffix: String,
+    /// containers-registries.conf.d(5)'s directory: where the CRI-O drop-in goes.
+    pub registries_conf_dir: PathBuf,
+    /// A file holding CRI-O's pid (CRI-O writes none itself; systemd knows it as `$MAINPID`):
+    /// after the drop-in changed, that process gets SIGHUP if it is named `crio`.
+    pub crio_pid_file: Option<PathBuf>,
+    /// Without `crio_pid_file`: send SIGHUP to the one process named `crio` in this pid
+    /// namespace (the host's with `hostPID`), if there is exactly one.
+    pub crio_find_process: bool,
 }
 
 impl Default for HostsConfig {
     fn default() -> Self {
         HostsConfig {
+            runtime: Runtime::Containerd,
             certs_dir: PathBuf::from("/etc/containerd/certs.d"),
             mirrored_registries: [
                 "https://docker.io",
@@ -81,6 +110,9 @@ impl Default for HostsConfig {
             dial_timeout: Duration::from_millis(200),
             prepend_existing: true,
             backup_suffix: ".speculum-backup".to_owned(),
+            registries_conf_dir: PathBuf::from(registries_conf::DEFAULT_CONF_DIR),
+            crio_pid_file: None,
+            crio_find_process: true,
         }
     }
 }
@@ -126,6 +158,9 @@ impl HostsConfig {
             problems.push(format!(
                 "hosts.backup_suffix {s:?} must start with '.', contain no '/' and not end in .crt, .cert or .key"
             ));
+        }
+        if self.runtime == Runtime::CriO {
+            problems.extend(registries_conf::validate(self));
         }
         problems
     }
@@ -401,6 +436,8 @@ fn same_endpoint(a: &str, b: &str) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
     pub changes: Vec<Change>,
+    /// Lines about what was done besides files (the CRI-O reload), printed after them.
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -421,6 +458,9 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for c in &self.changes {
             writeln!(f, "{c}")?;
+        }
+        for n in &self.notes {
+            writeln!(f, "{n}")?;
         }
         Ok(())
     }
@@ -644,8 +684,19 @@ fn configure_one(
 }
 
 fn cleanup_one(dir: &Path, cfg: &HostsConfig, report: &mut Report) -> Result<(), HostsError> {
-    let file = dir.join(HOSTS_FILE);
-    let backup = backup_path(dir, cfg);
+    cleanup_file(dir, &dir.join(HOSTS_FILE), &backup_path(dir, cfg), report)
+}
+
+/// Puts back `backup` over `file` (or removes `file` if it is ours and there is no backup),
+/// after removing crash leftovers in `dir`; then removes `dir` if `configure` created it and
+/// it is now empty.
+fn cleanup_file(
+    dir: &Path,
+    file: &Path,
+    backup: &Path,
+    report: &mut Report,
+) -> Result<(), HostsError> {
+    let (file, backup) = (file.to_owned(), backup.to_owned());
     remove_stale(dir, report)?;
     match (look(&file)?, look(&backup)?) {
         (Found::Ours(_) | Found::Missing, Found::Ours(_) | Found::Theirs(_)) => {

@@ -1,4 +1,4 @@
-//! speculum: a cluster-local, peer-to-peer OCI registry mirror for containerd nodes.
+//! speculum: a cluster-local, peer-to-peer OCI registry mirror for containerd and CRI-O nodes.
 //!
 //! Every node runs one daemon. containerd's `hosts.toml` sends image pulls to it; it serves
 //! what the node already holds, streams what another node holds, and answers 404 otherwise so
@@ -24,7 +24,7 @@
 //! | | [`policy`] | `Policy`: Rego bundles (regorus) deciding what may be served peer to peer and which tags the cluster resolves; fail closed for P2P, never for the pull |
 //! | | [`audit`] | `AuditSink`: one JSON line per request and decision, never blocking; the reader behind `speculum audit` |
 //! | | [`tenancy`] | multi-tenant protection: the node's pod index, peer authentication, grants (the `speculum-grant` crate) |
-//! | | [`hosts`] | rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml` |
+//! | | [`hosts`] | rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml`, and of CRI-O's registries.conf.d drop-in (`hosts::registries_conf`, with the SIGHUP reload) |
 //! | L3 services | [`cache`] | the daemon's bounded blob cache, anonymous upstream fetches of public blobs, one upstream fetch per blob across the cluster (off by default) |
 //! | | [`advertise`] | store and cache → router: the advertised keys kept in step with what the node holds, filtered by `policy::Advert` |
 //! | | [`registry`] | the OCI distribution API: the containerd-facing mirror endpoint and the peer endpoint |
@@ -63,6 +63,7 @@
 //! | where a config error ("mirror.attempts must …") comes from | the section's `validate()` | `registry/config.rs`, `routing/kademlia/config.rs`, …; cross-section checks in `config.rs` (`Config::validate`) |
 //! | which flag sets which key | `src/cli/flags.rs` | the `shortcuts!` table |
 //! | where the hosts.toml backup is made and restored | `hosts.rs` | `configure`, `cleanup` (`backup_path`) |
+//! | what CRI-O's drop-in says, and how CRI-O is told | `hosts/registries_conf.rs` | `render`, `path_segment`, `reload` |
 //! | where the cold-pull decision is | `cache/coalesce.rs` | who fetches from upstream (a claim through `routing`); called from `registry/from_cache.rs` |
 //! | how a broken peer blob resumes | `wire/resume.rs` | where it reopens: `registry/peers.rs` |
 //! | where sendfile happens | `server/http1.rs` | with `server/file_body.rs` |

@@ -23,7 +23,7 @@ pub enum Part {
     /// released by every reconcile that read the store.
     Store,
     /// The containerd connection. Blocked by `app`'s health loop when containerd does not answer
-    /// `version`, released when it does.
+    /// `version`, released when it does. Never registered with `containerd.enabled: false`.
     Containerd,
     /// Shutdown. Blocked by `app::run` when SIGTERM (or a failed task) starts the shutdown, so
     /// load balancers stop sending pulls first; never released.

@@ -119,8 +119,21 @@ features that are switched off are left out entirely.
 {{- $_ := set $audit "file" (printf "%s/%s" (trimSuffix "/" $d.audit.dir) $d.audit.file) }}
 {{- end }}
 {{- $containerd := dict "socket" .Values.containerd.socket "namespace" .Values.containerd.namespace }}
-{{- if .Values.containerd.contentDir }}
+{{- $crio := eq .Values.runtime "cri-o" }}
+{{- if $crio }}
+{{- $_ := set $containerd "enabled" false }}
+{{- else if .Values.containerd.contentDir }}
 {{- $_ := set $containerd "content_dir" .Values.containerd.contentDir }}
+{{- end }}
+{{- $hosts := dict "certs_dir" .Values.containerd.certsDir "mirrored_registries" $d.mirroredRegistries "mirror_endpoint" (printf "http://127.0.0.1:%d" (int $d.ports.mirror)) "dial_timeout" $d.hostsDialTimeout "prepend_existing" $d.prependExisting }}
+{{- if $crio }}
+{{- $_ := set $hosts "runtime" "cri-o" }}
+{{- $_ := set $hosts "registries_conf_dir" .Values.crio.registriesConfDir }}
+{{- /* Without hostPID no pid seen in the pod is CRI-O's: never signal then. */}}
+{{- $_ := set $hosts "crio_find_process" .Values.crio.signalReload }}
+{{- if and .Values.crio.signalReload .Values.crio.pidFile }}
+{{- $_ := set $hosts "crio_pid_file" .Values.crio.pidFile }}
+{{- end }}
 {{- end }}
 {{- $cfg := dict
   "registry" (dict "mirror_listen" (printf "127.0.0.1:%d" (int $d.ports.mirror)) "peer_listen" (printf "0.0.0.0:%d" (int $d.ports.peer)) "drain_grace" $d.drainGrace)
@@ -128,7 +141,7 @@ features that are switched off are left out entirely.
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $d.ports.metrics)))
   "containerd" $containerd
   "routing" $routing
-  "hosts" (dict "certs_dir" .Values.containerd.certsDir "mirrored_registries" $d.mirroredRegistries "mirror_endpoint" (printf "http://127.0.0.1:%d" (int $d.ports.mirror)) "dial_timeout" $d.hostsDialTimeout "prepend_existing" $d.prependExisting)
+  "hosts" $hosts
   "policy" (dict "bundle" (ternary $p.policy "" (ne .Values.policy.bundle "")) "resolve_tags" .Values.policy.resolveTags "resolve_latest_tag" .Values.policy.resolveLatestTag "eval_timeout" .Values.policy.evalTimeout "reload_interval" .Values.policy.reloadInterval)
   "audit" $audit
   "status" (dict "enabled" $d.statusPage.enabled "recent" (int $d.statusPage.recentRequests))

@@ -133,6 +133,8 @@ shortcuts! {
         "URL containerd uses to reach this daemon";
     prepend_existing: bool = "hosts.prepend_existing",
         "Keep existing hosts.toml mirrors after ours";
+    runtime: Option<String> = "hosts.runtime",
+        "Runtime configure/cleanup write for, containerd|cri-o";
     log_format: Option<String> = "log.format", "Log format json|text";
     log_level: Option<String> = "log.level", "Log filter, e.g. info";
     policy_bundle: Option<String> = "policy.bundle", "Rego bundle directory";
@@ -162,7 +164,7 @@ mod tests {
 
     #[test]
     fn every_shortcut_names_a_setting_that_config_accepts() {
-        assert_eq!(Shortcuts::TABLE.len(), 24, "shortcuts added or lost");
+        assert_eq!(Shortcuts::TABLE.len(), 25, "shortcuts added or lost");
         let mut keys = HashSet::new();
         for (field, key) in Shortcuts::TABLE {
             assert!(keys.insert(key), "{key}: two shortcuts for one key");

@@ -1,8 +1,8 @@
 //! The command line: [`Cli`] and its subcommands, and [`run`], which dispatches to them.
 //!
 //! - `speculum registry`: run the daemon (`daemon`, then `speculum::app`).
-//! - `speculum configure` / `speculum cleanup`: write or restore containerd's hosts.toml
-//!   (`hosts`).
+//! - `speculum configure` / `speculum cleanup`: write or restore containerd's hosts.toml, or
+//!   with `--runtime cri-o` the registries.conf.d drop-in (`hosts`).
 //! - `speculum config`: print the effective configuration after every layer.
 //! - `speculum policy test DIR` / `speculum policy eval DIR --input FILE`: run a bundle's Rego
 //!   tests, or print its decision for one input (regorus, as the daemon evaluates it)
@@ -39,7 +39,7 @@ pub use flags::ConfigArgs;
 #[command(
     name = "speculum",
     version,
-    about = "Peer-to-peer OCI registry mirror for containerd nodes"
+    about = "Peer-to-peer OCI registry mirror for containerd and CRI-O nodes"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -51,9 +51,11 @@ enum Command {
     /// Run the daemon: mirror endpoint for containerd, peer endpoint, DHT, metrics.
     Registry(ConfigArgs),
     /// Point containerd at this node's mirror: write certs.d/<registry>/hosts.toml (with a
-    /// byte-for-byte backup of what was there).
+    /// byte-for-byte backup of what was there); with `--runtime cri-o`, the
+    /// registries.conf.d drop-in for CRI-O, podman and skopeo, then SIGHUP to CRI-O.
     Configure(ConfigArgs),
-    /// Undo `configure`: restore every backed-up hosts.toml byte for byte.
+    /// Undo `configure`: restore every backed-up hosts.toml (or, with `--runtime cri-o`, the
+    /// drop-in) byte for byte.
     Cleanup(ConfigArgs),
     /// Print the effective configuration (defaults, file, environment, flags) as YAML.
     Config(ConfigArgs),

@@ -92,6 +92,9 @@ const EVENT_BUFFER: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ContainerdConfig {
+    /// `false` on nodes without containerd (CRI-O): the daemon then has an empty store, never
+    /// dials the socket, and containerd holds no part of readiness.
+    pub enabled: bool,
     /// containerd's gRPC socket.
     pub socket: PathBuf,
     /// The containerd namespace whose images are served; CRI (kubelet) uses `k8s.io`.
@@ -104,6 +107,7 @@ pub struct ContainerdConfig {
 impl Default for ContainerdConfig {
     fn default() -> Self {
         ContainerdConfig {
+            enabled: true,
             socket: PathBuf::from("/run/containerd/containerd.sock"),
             namespace: "k8s.io".to_owned(),
             content_dir: None,
@@ -843,6 +847,7 @@ mod tests {
             (
                 "everything wrong",
                 ContainerdConfig {
+                    enabled: true,
                     socket: "x".into(),
                     namespace: "-".into(),
                     content_dir: Some("c".into()),

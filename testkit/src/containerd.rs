@@ -194,6 +194,7 @@ impl Containerd {
     /// The store configuration pointing at this containerd (gRPC only: no `content_dir`).
     pub fn store_config(&self) -> ContainerdConfig {
         ContainerdConfig {
+            enabled: true,
             socket: self.socket.clone(),
             namespace: self.namespace.clone(),
             content_dir: None,

@@ -5,6 +5,8 @@
 //! One job: start and stop the real things tests run against, and nothing about what they
 //! assert. Each module owns one such thing:
 //!
+//! - [`cimage`]: a containers/image node (skopeo, podman: what CRI-O pulls with) with its own
+//!   registries.conf.d and storage, optionally inside a rig namespace.
 //! - [`containerd`]: a private containerd of the version matrix (`RIG_CONTAINERD`).
 //! - [`daemon`]: the `speculum registry` binary as a child process on loopback.
 //! - [`dht`]: bounded polls over real `KademliaRouter`s.
@@ -18,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod cimage;
 pub mod cluster;
 pub mod containerd;
 pub mod daemon;

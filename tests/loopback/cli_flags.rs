@@ -120,6 +120,7 @@ fn every_shortcut_flag_lands_on_its_key() {
             "hosts.mirror_endpoint",
             "http://127.0.0.1:6100".into(),
         ),
+        ("--runtime", "cri-o", "hosts.runtime", "cri-o".into()),
         ("--log-format", "text", "log.format", "text".into()),
         ("--log-level", "debug", "log.level", "debug".into()),
         (

@@ -18,6 +18,7 @@ mod metrics_names;
 mod peer_etag;
 mod policy;
 mod policy_cli;
+mod registries_conf;
 mod registry;
 mod routing_kademlia;
 mod routing_psk;

@@ -1,5 +1,5 @@
 //! The namespace-rig tier: several nodes, each in its own network namespace with a real
-//! containerd and a speculum daemon, and a real upstream registry, driven through
+//! containerd (or real CRI-O, `crio`) and a speculum daemon, and a real upstream registry, driven through
 //! `tests/rig/rig.sh` (`testkit::rig`). Needs root; without it, or with `SPECULUM_SKIP_RIG=1`,
 //! each test says why on stderr and passes. The tests take the rig one at a time (one
 //! process-wide mutex, plus the machine-wide lock `${RIG_DIR}.lock`).
@@ -12,6 +12,7 @@
 
 mod cluster;
 mod coalesce;
+mod crio;
 mod doctor;
 mod faults;
 mod parallel_fetch;

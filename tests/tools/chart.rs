@@ -2,7 +2,8 @@
 //! template` over a values matrix parsed and asserted object by object, the rendered daemon
 //! config validated by the real `speculum config --config FILE` (a renamed key fails it), the
 //! init container's and the post-delete hook's arguments run as real `speculum configure` /
-//! `speculum cleanup` invocations, the policy ConfigMap run through `speculum policy test`, and
+//! `speculum cleanup` invocations (containerd's hosts.toml and, with `runtime=cri-o`, the
+//! registries.conf.d drop-in), the policy ConfigMap run through `speculum policy test`, and
 //! every rendered manifest applied with server-side dry run to a real kube-apiserver, and an
 //! install + upgrade there keeping the generated Secrets (`lookup`).
 //!
@@ -60,6 +61,15 @@ fn cases(custom_bundle: &Path) -> Vec<(&'static str, Vec<String>)> {
         ("resolveTags off", set(&["policy.resolveTags=false"])),
         ("tenancy off", set(&["tenancy.enabled=false"])),
         ("cache on", set(&["cache.enabled=true"])),
+        ("cri-o", set(&["runtime=cri-o", "cache.enabled=true"])),
+        (
+            "cri-o signal",
+            set(&[
+                "runtime=cri-o",
+                "crio.signalReload=true",
+                "crio.pidFile=/run/crio/crio.pid",
+            ]),
+        ),
     ]
 }
 
@@ -253,6 +263,26 @@ fn lint_template_and_validate_every_case() {
             "cache on" if off.iter().all(|o| o != "cache.enabled=false") => {
                 assert_eq!(effective["cache"]["enabled"], true, "{case}");
             }
+            "cri-o" | "cri-o signal" => {
+                let h = &effective["hosts"];
+                assert_eq!(h["runtime"], "cri-o", "{case}");
+                assert_eq!(
+                    h["registries_conf_dir"], "/etc/containers/registries.conf.d",
+                    "{case}"
+                );
+                assert_eq!(
+                    effective["containerd"]["enabled"], false,
+                    "{case}: no containerd on a CRI-O node"
+                );
+                let signal = case == "cri-o signal";
+                assert_eq!(h["crio_find_process"], signal, "{case}");
+                let pid_file = if signal {
+                    json!("/run/crio/crio.pid")
+                } else {
+                    Value::Null
+                };
+                assert_eq!(h["crio_pid_file"], pid_file, "{case}");
+            }
             _ => assert_eq!(effective["policy"]["resolve_tags"], true, "{case}"),
         }
 
@@ -284,7 +314,7 @@ fn lint_template_and_validate_every_case() {
         }
     }
     let elapsed = started.elapsed();
-    eprintln!("chart: lint + template + validate of 7 cases in {elapsed:.1?}");
+    eprintln!("chart: lint + template + validate of 9 cases in {elapsed:.1?}");
 }
 
 /// What every rendered case must hold.
@@ -296,6 +326,7 @@ fn assert_objects(case: &str, objects: &[Value], defaults: &Value) {
     };
     let webhook = case != "webhook off";
     let tenancy = case != "tenancy off";
+    let crio = case.starts_with("cri-o");
     // (kind, name, present)
     let want = [
         ("DaemonSet", name(""), true),
@@ -398,21 +429,62 @@ fn assert_objects(case: &str, objects: &[Value], defaults: &Value) {
             Some((name.to_owned(), path.to_owned(), ro))
         })
         .collect();
-    let mut want_mounts = vec![
-        (
-            "containerd-socket",
-            "/run/containerd/containerd.sock",
-            false,
-        ),
-        (
-            "content",
-            "/var/lib/containerd/io.containerd.content.v1.content",
-            true,
-        ),
-        ("certs-dir", "/etc/containerd/certs.d", false),
-        ("data", "/var/lib/speculum", false),
-    ];
-    if case == "cache on" {
+    let mut want_mounts = match case {
+        // No containerd socket or content store on a CRI-O node; the drop-in directory
+        // instead of certs.d, and CRI-O's pid directory (read-only) when it is signalled.
+        "cri-o" => vec![
+            (
+                "registries-conf-dir",
+                "/etc/containers/registries.conf.d",
+                false,
+            ),
+            ("data", "/var/lib/speculum", false),
+        ],
+        "cri-o signal" => vec![
+            (
+                "registries-conf-dir",
+                "/etc/containers/registries.conf.d",
+                false,
+            ),
+            ("crio-pid", "/run/crio", true),
+            ("data", "/var/lib/speculum", false),
+        ],
+        _ => vec![
+            (
+                "containerd-socket",
+                "/run/containerd/containerd.sock",
+                false,
+            ),
+            (
+                "content",
+                "/var/lib/containerd/io.containerd.content.v1.content",
+                true,
+            ),
+            ("certs-dir", "/etc/containerd/certs.d", false),
+            ("data", "/var/lib/speculum", false),
+        ],
+    };
+    // hostPID only to signal CRI-O: a pid means nothing outside the host's pid namespace.
+    let host_pid = case == "cri-o signal";
+    assert_eq!(
+        pod["hostPID"].as_bool().unwrap_or(false),
+        host_pid,
+        "{case}"
+    );
+    let init_args = &container(pod, "initContainers", "configure")["args"];
+    let want_init = if crio {
+        json!([
+            "configure",
+            "--runtime",
+            "cri-o",
+            "--config",
+            "/etc/speculum/config.yaml"
+        ])
+    } else {
+        json!(["configure", "--config", "/etc/speculum/config.yaml"])
+    };
+    assert_eq!(*init_args, want_init, "{case}");
+    if case == "cache on" || case == "cri-o" {
         want_mounts.push(("cache", "/var/lib/speculum/cache", false));
     }
     assert_eq!(
@@ -621,6 +693,80 @@ fn init_container_configures_and_the_hook_cleans_up() {
     assert_eq!(
         wait["spec"]["template"]["spec"]["containers"][0]["args"][2],
         format!("daemonset/{}", name("cleanup"))
+    );
+}
+
+/// With `runtime=cri-o`: the init container's `speculum configure --runtime cri-o` writes the
+/// drop-in and the post-delete hook's `speculum cleanup --runtime cri-o …` (flags only, the
+/// ConfigMap is gone by then) puts back what was at its path, both run as rendered by the real
+/// binary (only the host path moved to a temporary directory).
+#[test]
+fn cri_o_init_container_writes_the_drop_in_and_the_hook_restores() {
+    let Some(helm) = helm::helm() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf_d = dir.path().join("registries.conf.d");
+    std::fs::create_dir_all(&conf_d).expect("conf.d");
+    let theirs = "# an operator's file that happens to sit at our path\n";
+    std::fs::write(conf_d.join("99-speculum.conf"), theirs).expect("theirs");
+    std::fs::write(conf_d.join("shortnames.conf"), "[aliases]\n").expect("other drop-in");
+    let mut values: Vec<String> = [
+        "runtime=cri-o".to_owned(),
+        format!("crio.registriesConfDir={}", conf_d.display()),
+    ]
+    .into_iter()
+    .flat_map(|kv| ["--set".to_owned(), kv])
+    .collect();
+    values.extend(pending_off(&daemon_defaults()));
+    let objects = helm::template(&helm, &values).expect("template");
+    let config = write_daemon_config(&objects, dir.path());
+
+    let pod = &find(&objects, "DaemonSet", &name(""))["spec"]["template"]["spec"];
+    let out = run_container(container(pod, "initContainers", "configure"), Some(&config));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "configure: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("not reloaded"),
+        "without signalReload nobody is signalled, and the report says so: {said}"
+    );
+    let text = std::fs::read_to_string(conf_d.join("99-speculum.conf")).expect("drop-in");
+    assert!(text.starts_with("# managed-by: speculum"), "{text}");
+    assert!(
+        text.contains("location = \"127.0.0.1:5080/docker.io\""),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(conf_d.join("99-speculum.conf.speculum-backup")).expect("backup"),
+        theirs
+    );
+
+    let hook = &find(&objects, "DaemonSet", &name("cleanup"));
+    let out = run_container(
+        container(
+            &hook["spec"]["template"]["spec"],
+            "initContainers",
+            "cleanup",
+        ),
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&conf_d)
+        .expect("conf.d")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["99-speculum.conf", "shortnames.conf"]);
+    assert_eq!(
+        std::fs::read_to_string(conf_d.join("99-speculum.conf")).expect("restored"),
+        theirs,
+        "the operator's file back byte for byte"
     );
 }
 
