@@ -1310,7 +1310,9 @@ mod tests {
 
     #[test]
     fn peer_auth_table() {
-        let cases: Vec<(Result<u16, String>, Result<u16, String>, Status)> = vec![
+        // (answer with our token, answer without one, want)
+        type Case = (Result<u16, String>, Result<u16, String>, Status);
+        let cases: Vec<Case> = vec![
             (Ok(404), Ok(401), Status::Ok),
             (Ok(401), Ok(401), Status::Fail),
             (Ok(404), Ok(404), Status::Warn),
@@ -1367,7 +1369,8 @@ mod tests {
         std::fs::write(blobs.join("abc"), b"x").expect("blob");
         let missing = tmp.path().join("nope/io.containerd.content.v1.content");
         let not_yet = tmp.path().join("fresh");
-        let cases: Vec<(&str, Option<&Path>, Option<&Path>, bool, Status)> = vec![
+        type Case<'a> = (&'a str, Option<&'a Path>, Option<&'a Path>, bool, Status);
+        let cases: Vec<Case> = vec![
             ("readable", None, Some(&root), false, Status::Ok),
             ("no blobs yet", None, Some(&not_yet), false, Status::Ok),
             (

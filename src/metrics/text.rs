@@ -115,7 +115,8 @@ mod tests {
     #[test]
     fn sums_by_name_and_labels() {
         // (what, name, labels, want)
-        let cases: &[(&str, &str, &[(&str, &str)], Option<f64>)] = &[
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<f64>);
+        let cases: &[Case] = &[
             ("unlabelled", "speculum_routing_peers", &[], Some(2.0)),
             ("all series", "speculum_served_bytes_total", &[], Some(22.0)),
             (
