@@ -64,7 +64,9 @@ impl RegistryError {
     fn code(&self) -> ErrorCode {
         match self {
             RegistryError::Path(PathError::NotFound) => ErrorCode::NameUnknown,
-            RegistryError::Path(PathError::NameInvalid | PathError::NsInvalid) => {
+            RegistryError::Path(
+                PathError::NameInvalid | PathError::NsInvalid | PathError::NsConflict,
+            ) => {
                 ErrorCode::NameInvalid
             }
             RegistryError::Path(PathError::TagInvalid) => ErrorCode::ManifestUnknown,
