@@ -49,8 +49,7 @@ impl Cache {
         media_type: &str,
         bytes: &[u8],
     ) -> Result<(), CacheError> {
-        if !media::is_manifest_type(media_type) || bytes.len() as u64 > media::MAX_MANIFEST_BYTES
-        {
+        if !media::is_manifest_type(media_type) || bytes.len() as u64 > media::MAX_MANIFEST_BYTES {
             return Err(CacheError::WriterFailed {
                 digest: digest.clone(),
                 reason: format!("not a manifest ({media_type}, {} bytes)", bytes.len()),
@@ -157,7 +156,9 @@ async fn write_small(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<
     let tmp = dir.join(format!(".tmp.{name}"));
     let target = dir.join(name);
     tokio::fs::write(&tmp, bytes).await.map_err(io(&tmp))?;
-    tokio::fs::rename(&tmp, &target).await.map_err(io(&target))?;
+    tokio::fs::rename(&tmp, &target)
+        .await
+        .map_err(io(&target))?;
     Ok(())
 }
 
@@ -205,9 +206,15 @@ mod tests {
             .put_manifest(&d, media::OCI_MANIFEST, &bytes)
             .await
             .expect("put");
-        cache.put_tag("r.io:5000", "app", "v1", &d).await.expect("tag");
+        cache
+            .put_tag("r.io:5000", "app", "v1", &d)
+            .await
+            .expect("tag");
         let (t, got) = cache.read_manifest(&d).await.expect("read");
-        assert_eq!((t.as_str(), got.as_ref()), (media::OCI_MANIFEST, &bytes[..]));
+        assert_eq!(
+            (t.as_str(), got.as_ref()),
+            (media::OCI_MANIFEST, &bytes[..])
+        );
         assert_eq!(cache.tag("r.io:5000", "app", "v1").await, Some(d.clone()));
         assert_eq!(cache.tag_keys(), vec!["r.io:5000/app:v1".to_owned()]);
         assert!(cache.complete().contains(&d), "advertised with the blobs");

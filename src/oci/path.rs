@@ -374,48 +374,140 @@ mod tests {
     fn split_registry_table() {
         type Want<'a> = Result<(&'a str, Option<&'a str>, bool), PathError>;
         let cases: Vec<(&str, &str, Option<&str>, Want)> = vec![
-            ("docker hub", "/v2/docker.io/library/alpine/manifests/3", None,
-                Ok(("/v2/library/alpine/manifests/3", Some("docker.io"), true))),
-            ("host with port", "/v2/127.0.0.1:5000/rig/app/blobs/x", None,
-                Ok(("/v2/rig/app/blobs/x", Some("127.0.0.1:5000"), true))),
-            ("port spelled with _", "/v2/127.0.0.1_5000/rig/app/blobs/x", None,
-                Ok(("/v2/rig/app/blobs/x", Some("127.0.0.1:5000"), true))),
-            ("single label with port", "/v2/registry_5000/app/manifests/v1", None,
-                Ok(("/v2/app/manifests/v1", Some("registry:5000"), true))),
-            ("bad port is a name", "/v2/a.io_99999/app/manifests/v1", None,
-                Ok(("/v2/a.io_99999/app/manifests/v1", None, false))),
-            ("two underscores", "/v2/a__5000/app/manifests/v1", None,
-                Ok(("/v2/a__5000/app/manifests/v1", None, false))),
-            ("ns: the _ spelling is a repository", "/v2/10.0.0.1_5000/a/manifests/1", Some("10.0.0.1:5000"),
-                Ok(("/v2/10.0.0.1_5000/a/manifests/1", Some("10.0.0.1:5000"), false))),
-            ("ns: a _ segment naming another registry stays a repository", "/v2/foo_1/a/manifests/1", Some("docker.io"),
-                Ok(("/v2/foo_1/a/manifests/1", Some("docker.io"), false))),
-            ("localhost", "/v2/localhost/app/manifests/v1", None,
-                Ok(("/v2/app/manifests/v1", Some("localhost"), true))),
-            ("plain name", "/v2/library/alpine/manifests/3", None,
-                Ok(("/v2/library/alpine/manifests/3", None, false))),
-            ("dotted project kept after the host", "/v2/harbor.example.com/my.proj/app/manifests/1", None,
-                Ok(("/v2/my.proj/app/manifests/1", Some("harbor.example.com"), true))),
-            ("bad host is a name", "/v2/a..b/app/manifests/1", None,
-                Ok(("/v2/a..b/app/manifests/1", None, false))),
-            ("port zero is no host", "/v2/a.io:0/app/manifests/1", None,
-                Ok(("/v2/a.io:0/app/manifests/1", None, false))),
-            ("ns: dotted repo stays", "/v2/my.proj/app/manifests/1", Some("harbor.example.com"),
-                Ok(("/v2/my.proj/app/manifests/1", Some("harbor.example.com"), false))),
-            ("ns: a dotted first segment is a repository", "/v2/docker.io/library/a/manifests/1", Some("docker.io"),
-                Ok(("/v2/docker.io/library/a/manifests/1", Some("docker.io"), false))),
-            ("ns equal to a host:port segment", "/v2/10.0.0.1:5000/a/manifests/1", Some("10.0.0.1:5000"),
-                Ok(("/v2/a/manifests/1", Some("10.0.0.1:5000"), false))),
-            ("ns and a different host:port", "/v2/10.0.0.1:5000/a/manifests/1", Some("docker.io"),
-                Err(PathError::NsConflict)),
+            (
+                "docker hub",
+                "/v2/docker.io/library/alpine/manifests/3",
+                None,
+                Ok(("/v2/library/alpine/manifests/3", Some("docker.io"), true)),
+            ),
+            (
+                "host with port",
+                "/v2/127.0.0.1:5000/rig/app/blobs/x",
+                None,
+                Ok(("/v2/rig/app/blobs/x", Some("127.0.0.1:5000"), true)),
+            ),
+            (
+                "port spelled with _",
+                "/v2/127.0.0.1_5000/rig/app/blobs/x",
+                None,
+                Ok(("/v2/rig/app/blobs/x", Some("127.0.0.1:5000"), true)),
+            ),
+            (
+                "single label with port",
+                "/v2/registry_5000/app/manifests/v1",
+                None,
+                Ok(("/v2/app/manifests/v1", Some("registry:5000"), true)),
+            ),
+            (
+                "bad port is a name",
+                "/v2/a.io_99999/app/manifests/v1",
+                None,
+                Ok(("/v2/a.io_99999/app/manifests/v1", None, false)),
+            ),
+            (
+                "two underscores",
+                "/v2/a__5000/app/manifests/v1",
+                None,
+                Ok(("/v2/a__5000/app/manifests/v1", None, false)),
+            ),
+            (
+                "ns: the _ spelling is a repository",
+                "/v2/10.0.0.1_5000/a/manifests/1",
+                Some("10.0.0.1:5000"),
+                Ok((
+                    "/v2/10.0.0.1_5000/a/manifests/1",
+                    Some("10.0.0.1:5000"),
+                    false,
+                )),
+            ),
+            (
+                "ns: a _ segment naming another registry stays a repository",
+                "/v2/foo_1/a/manifests/1",
+                Some("docker.io"),
+                Ok(("/v2/foo_1/a/manifests/1", Some("docker.io"), false)),
+            ),
+            (
+                "localhost",
+                "/v2/localhost/app/manifests/v1",
+                None,
+                Ok(("/v2/app/manifests/v1", Some("localhost"), true)),
+            ),
+            (
+                "plain name",
+                "/v2/library/alpine/manifests/3",
+                None,
+                Ok(("/v2/library/alpine/manifests/3", None, false)),
+            ),
+            (
+                "dotted project kept after the host",
+                "/v2/harbor.example.com/my.proj/app/manifests/1",
+                None,
+                Ok((
+                    "/v2/my.proj/app/manifests/1",
+                    Some("harbor.example.com"),
+                    true,
+                )),
+            ),
+            (
+                "bad host is a name",
+                "/v2/a..b/app/manifests/1",
+                None,
+                Ok(("/v2/a..b/app/manifests/1", None, false)),
+            ),
+            (
+                "port zero is no host",
+                "/v2/a.io:0/app/manifests/1",
+                None,
+                Ok(("/v2/a.io:0/app/manifests/1", None, false)),
+            ),
+            (
+                "ns: dotted repo stays",
+                "/v2/my.proj/app/manifests/1",
+                Some("harbor.example.com"),
+                Ok((
+                    "/v2/my.proj/app/manifests/1",
+                    Some("harbor.example.com"),
+                    false,
+                )),
+            ),
+            (
+                "ns: a dotted first segment is a repository",
+                "/v2/docker.io/library/a/manifests/1",
+                Some("docker.io"),
+                Ok((
+                    "/v2/docker.io/library/a/manifests/1",
+                    Some("docker.io"),
+                    false,
+                )),
+            ),
+            (
+                "ns equal to a host:port segment",
+                "/v2/10.0.0.1:5000/a/manifests/1",
+                Some("10.0.0.1:5000"),
+                Ok(("/v2/a/manifests/1", Some("10.0.0.1:5000"), false)),
+            ),
+            (
+                "ns and a different host:port",
+                "/v2/10.0.0.1:5000/a/manifests/1",
+                Some("docker.io"),
+                Err(PathError::NsConflict),
+            ),
             ("no slash after v2", "/v2/", None, Ok(("/v2/", None, false))),
-            ("not v2", "/x/docker.io/a", None, Ok(("/x/docker.io/a", None, false))),
-            ("only the registry", "/v2/docker.io/manifests", None,
-                Ok(("/v2/manifests", Some("docker.io"), true))),
+            (
+                "not v2",
+                "/x/docker.io/a",
+                None,
+                Ok(("/x/docker.io/a", None, false)),
+            ),
+            (
+                "only the registry",
+                "/v2/docker.io/manifests",
+                None,
+                Ok(("/v2/manifests", Some("docker.io"), true)),
+            ),
         ];
         for (name, path, ns, want) in cases {
-            let got = split_registry(path, ns)
-                .map(|(p, ns, enc)| (p.into_owned(), ns, enc));
+            let got = split_registry(path, ns).map(|(p, ns, enc)| (p.into_owned(), ns, enc));
             let want = want.map(|(p, ns, enc)| (p.to_owned(), ns.map(str::to_owned), enc));
             assert_eq!(got, want, "{name}");
         }
@@ -426,8 +518,24 @@ mod tests {
     #[test]
     fn split_registry_never_panics() {
         let alphabet: &[&str] = &[
-            "/", "v2", "docker.io", "a", ":", "5000", ".", "localhost", "manifests", "blobs",
-            "%2F", "..", "[::1]", "\u{e9}", "-", "_", "_5000", "9",
+            "/",
+            "v2",
+            "docker.io",
+            "a",
+            ":",
+            "5000",
+            ".",
+            "localhost",
+            "manifests",
+            "blobs",
+            "%2F",
+            "..",
+            "[::1]",
+            "\u{e9}",
+            "-",
+            "_",
+            "_5000",
+            "9",
         ];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..20_000 {
@@ -446,7 +554,11 @@ mod tests {
                 if encoded {
                     let registry = registry.expect("an encoded path names its registry");
                     let first = p[4..].split('/').next().unwrap_or("");
-                    assert_eq!(path_registry(first).as_deref(), Some(registry.as_str()), "{p}");
+                    assert_eq!(
+                        path_registry(first).as_deref(),
+                        Some(registry.as_str()),
+                        "{p}"
+                    );
                     assert_eq!(stripped, format!("/v2/{}", &p[4 + first.len() + 1..]));
                 }
                 let _ = parse_v2_path(&stripped);

@@ -583,8 +583,13 @@ mod tests {
     #[test]
     fn platform_table() {
         let entry = |digest: &str, p: Option<(&str, &str)>| {
-            let platform = p.map(|(os, arch)| format!(r#","platform":{{"os":"{os}","architecture":"{arch}"}}"#));
-            format!(r#"{{"digest":"{digest}","size":1{}}}"#, platform.unwrap_or_default())
+            let platform = p.map(|(os, arch)| {
+                format!(r#","platform":{{"os":"{os}","architecture":"{arch}"}}"#)
+            });
+            format!(
+                r#"{{"digest":"{digest}","size":1{}}}"#,
+                platform.unwrap_or_default()
+            )
         };
         let index = |entries: &[String]| -> Index {
             serde_json::from_str(&format!(r#"{{"manifests":[{}]}}"#, entries.join(",")))

@@ -66,9 +66,7 @@ impl RegistryError {
             RegistryError::Path(PathError::NotFound) => ErrorCode::NameUnknown,
             RegistryError::Path(
                 PathError::NameInvalid | PathError::NsInvalid | PathError::NsConflict,
-            ) => {
-                ErrorCode::NameInvalid
-            }
+            ) => ErrorCode::NameInvalid,
             RegistryError::Path(PathError::TagInvalid) => ErrorCode::ManifestUnknown,
             RegistryError::Path(PathError::DigestInvalid(_)) => ErrorCode::DigestInvalid,
             RegistryError::ManifestUnknown => ErrorCode::ManifestUnknown,

@@ -94,10 +94,7 @@ impl PullRequest {
             presented,
             requester: None,
             peer_headers: HeaderMap::new(),
-            accept: headers
-                .get(http::header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            accept: accept(headers),
         })
     }
 
@@ -138,6 +135,20 @@ impl PullRequest {
             Kind::Blob => RegistryError::BlobUnknown,
         }
     }
+}
+
+/// The client's `Accept` values as one list. containers/image sends one `Accept` header per
+/// media type; reading only the first would ask upstream for a plain manifest, and a registry
+/// then answers 404 for a tag naming an index.
+fn accept(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 /// Extracts and validates the single `ns` parameter. Other parameters are ignored.
@@ -337,6 +348,24 @@ mod tests {
                 Err(()) => assert!(got.is_err(), "{name}: expected an error"),
             }
         }
+    }
+
+    #[test]
+    fn accept_headers_are_joined() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(accept(&headers), None);
+        headers.append(
+            http::header::ACCEPT,
+            "application/a".parse().expect("value"),
+        );
+        headers.append(
+            http::header::ACCEPT,
+            "application/b, application/c".parse().expect("value"),
+        );
+        assert_eq!(
+            accept(&headers).as_deref(),
+            Some("application/a, application/b, application/c")
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The tools tier: speculum against the real tools around it — helm (`chart`), OPA
 //! (`policy_opa`), a real kube-apiserver + etcd (`k8s_control_plane`, `tenancy_kube`, part of
-//! `chart`), the image tools (`image`: umoci, skopeo, buildah) and the benchmark scripts
+//! `chart`), the image tools (`image`: umoci, skopeo, buildah), containers/image pulls through the
+//! mirror (`cimage`: skopeo, docker-registry) and the benchmark scripts
 //! (`bench_smoke`). Each file finds its tool the way its doc says: helm and OPA tests skip
 //! without the tool (fail under `CI=true` / `SPECULUM_REQUIRE_OPA=1`), the kube-apiserver tests
 //! skip when not root or with `SPECULUM_SKIP_K8S=1`, `bench_smoke` with `SPECULUM_SKIP_RIG=1` or
@@ -12,6 +13,7 @@
 
 mod bench_smoke;
 mod chart;
+mod cimage;
 mod image;
 mod k8s_control_plane;
 mod policy_opa;
