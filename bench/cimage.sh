@@ -56,7 +56,12 @@ copy() {
 	local mode=$1 ref=$2 dir t0
 	dir=$(client_dir "$mode")
 	t0=$(now_ms)
-	node_exec 2 skopeo --registries-conf "$dir/registries.conf" --policy "$dir/policy.json" \
+	# containers/image as root writes /var/lib/containers/cache and reads /etc/containers: a
+	# private mount namespace gives it the client's own directories.
+	mkdir -p "$dir/var-lib" "$dir/etc-containers"
+	# shellcheck disable=SC2016 # $1.. are the inner shell's arguments
+	node_exec 2 unshare -m -- sh -c 'mount --make-rprivate / && mount --bind "$1" /var/lib && mount --bind "$2" /etc/containers && shift 2 && exec "$@"' \
+		sh "$dir/var-lib" "$dir/etc-containers" skopeo --registries-conf "$dir/registries.conf" --policy "$dir/policy.json" \
 		--tmpdir "$dir" copy --quiet "docker://$ref" \
 		"containers-storage:[vfs@$dir/root+$dir/run]$ref" >&2 || die "skopeo copy ($mode) of $ref failed"
 	echo $(($(now_ms) - t0))
