@@ -59,7 +59,7 @@ impl Cache {
             return Ok(());
         }
         let dir = self.meta_dir("media");
-        write_small(&dir, &digest.hex(), media_type.as_bytes()).await?;
+        write_small(&dir, digest.hex(), media_type.as_bytes()).await?;
         prune(&dir, MAX_MEDIA).await;
         let mut writer = match self.begin(digest) {
             Ok(w) => w,

@@ -549,7 +549,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let ns = (x % 3 == 0).then_some("docker.io");
+            let ns = x.is_multiple_of(3).then_some("docker.io");
             if let Ok((stripped, registry, encoded)) = split_registry(&p, ns) {
                 if encoded {
                     let registry = registry.expect("an encoded path names its registry");

@@ -343,12 +343,12 @@ impl Check<'_> {
             }
         }
         // 3. Peers.
-        if let Some(got) = self.from_peers(target).await {
+        if let Some(got) = self.ask_peers(target).await {
             return Ok(got);
         }
         // 4. Upstream, anonymously: public images of mirrored registries only.
         if self.public {
-            return self.from_upstream(target).await;
+            return self.ask_upstream(target).await;
         }
         Err(Miss::Missing)
     }
@@ -371,7 +371,7 @@ impl Check<'_> {
         (probe, log)
     }
 
-    async fn from_peers(&self, target: &Target) -> Option<Got> {
+    async fn ask_peers(&self, target: &Target) -> Option<Got> {
         let mirror = self.state.mirror.as_ref()?;
         let (probe, log) = self.probe(Kind::Manifest, target, false);
         let key = probe.key()?;
@@ -401,7 +401,7 @@ impl Check<'_> {
         })
     }
 
-    async fn from_upstream(&self, target: &Target) -> Result<Got, Miss> {
+    async fn ask_upstream(&self, target: &Target) -> Result<Got, Miss> {
         let tags = self
             .state
             .mirror
