@@ -5,7 +5,8 @@
 //! store (an empty memory store, the blob cache, the real registry code, a memory DHT) and a
 //! real `docker-registry` upstream.
 //!
-//! What is checked: a public image is fetched anonymously into the first node's cache
+//! podman (`podman pull`, `--root/--runroot`, vfs, `CONTAINERS_REGISTRIES_CONF`) takes the same
+//! path. What is checked: a public image is fetched anonymously into the first node's cache
 //! (manifest, tag and blobs) and the second node pulls it from the first with upstream
 //! stopped (image and index); a private image (htpasswd) gets a 404 on the manifest and
 //! skopeo pulls it upstream with its own credentials, the mirror seeing no blob request; an
@@ -225,6 +226,43 @@ impl Client {
             .await
             .expect("skopeo finished within 120 s")
             .expect("skopeo runs (scripts/setup.sh installs it)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Client {
+    /// `podman pull <reference>` with the client's registries.conf (`CONTAINERS_REGISTRIES_CONF`),
+    /// `--root/--runroot` of its own and the vfs driver; the exit status and stderr.
+    async fn podman_pull(&self, reference: &str) -> (bool, String) {
+        for d in ["var-lib", "etc-containers", "tmp"] {
+            std::fs::create_dir_all(self.path(d)).expect("client dir");
+        }
+        // podman reads /etc/containers/policy.json: the client's, through the bind mount.
+        std::fs::copy(
+            self.path("policy.json"),
+            self.path("etc-containers/policy.json"),
+        )
+        .expect("policy");
+        let mut cmd = tokio::process::Command::new("unshare");
+        cmd.args(["-m", "--", "sh", "-c", PRIVATE_MOUNTS, "sh"])
+            .arg(self.path("var-lib"))
+            .arg(self.path("etc-containers"))
+            .arg("podman")
+            .arg("--root")
+            .arg(self.path("podman-root"))
+            .arg("--runroot")
+            .arg(self.path("podman-run"))
+            .args(["--storage-driver", "vfs", "pull", "--quiet", reference])
+            .env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
+            .env("TMPDIR", self.path("tmp"))
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("podman finished within 120 s")
+            .expect("podman runs (scripts/setup.sh installs it)");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -642,5 +680,40 @@ async fn daemon_killed_mid_pull_then_retries_succeed() {
         !blobs.is_empty() && blobs.iter().all(|r| r.status == 200),
         "every blob through the mirror after the restart:\n{}",
         summary(&a)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_from_a_peer_through_the_mirror_with_upstream_stopped() {
+    let mut upstream = Registry::start(Auth::None);
+    let reg = upstream.host();
+    let image = push_image(&upstream, "rig/pod", "v1", 200_000).await;
+    let net = MemoryNetwork::new();
+    let a = node(&net, "a", &reg, true).await;
+    let b = node(&net, "b", &reg, true).await;
+    let (ok, err) = Client::new(a.mirror, &reg)
+        .podman_pull(&format!("{reg}/rig/pod:v1"))
+        .await;
+    assert!(ok, "podman through node a: {err}\n{}", summary(&a));
+    assert_eq!(
+        a.cache.tag(&reg, "rig/pod", "v1").await,
+        Some(digest(&image))
+    );
+    wait_advertised(&b.router, &format!("{reg}/rig/pod:v1"), "a").await;
+    upstream.stop();
+    let (ok, err) = Client::new(b.mirror, &reg)
+        .podman_pull(&format!("{reg}/rig/pod:v1"))
+        .await;
+    assert!(
+        ok,
+        "podman through node b, upstream stopped: {err}\n{}",
+        summary(&b)
+    );
+    assert!(
+        records(&b, "manifest")
+            .iter()
+            .any(|r| r.status == 200 && r.served_from == "peer"),
+        "{}",
+        summary(&b)
     );
 }
