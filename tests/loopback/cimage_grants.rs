@@ -7,7 +7,6 @@
 //! blobs follow), and still a 404 when one blob has no holder — never fetched upstream.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
