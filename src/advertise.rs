@@ -11,7 +11,8 @@
 //! With the blob cache on (`src/cache`), its complete entries are wanted too (also right after
 //! a restart: the cache rebuilds its index from disk); the loop reconciles whenever the cache's
 //! complete set changes, so evicted blobs are withdrawn. In-flight blobs are advertised by the
-//! coalescer itself, at once.
+//! coalescer itself, at once. Manifests the node fetched are cache entries too, and the tags
+//! that named them (`cache::manifests`) are wanted while their manifest is complete.
 //!
 //! containerd ≥ 2.1 also says when each blob lands (`StoreEvent::ContentAdded`, before any
 //! image names it): such a blob is advertised at once, without waiting for the pull to end,
@@ -314,6 +315,9 @@ impl Advertiser {
             // Public blobs only ever enter the cache (policy is checked before a fetch).
             cache.take_events();
             wanted.extend(cache.complete().iter().map(ToString::to_string));
+            // And the tags of the manifests it holds (`cache::manifests`): a node with no
+            // containerd store answers tags too.
+            wanted.extend(cache.tag_keys());
         }
         Ok(wanted)
     }

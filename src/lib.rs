@@ -25,7 +25,7 @@
 //! | | [`audit`] | `AuditSink`: one JSON line per request and decision, never blocking; the reader behind `speculum audit` |
 //! | | [`tenancy`] | multi-tenant protection: the node's pod index, peer authentication, grants (the `speculum-grant` crate) |
 //! | | [`hosts`] | rendering and atomic install/restore of containerd's `certs.d/*/hosts.toml`, and of CRI-O's registries.conf.d drop-in (`hosts::registries_conf`, with the SIGHUP reload) |
-//! | L3 services | [`cache`] | the daemon's bounded blob cache, anonymous upstream fetches of public blobs, one upstream fetch per blob across the cluster (off by default) |
+//! | L3 services | [`cache`] | the daemon's bounded blob cache (and the manifests and tags it fetched), anonymous upstream fetches of public blobs, one upstream fetch per blob across the cluster (off by default) |
 //! | | [`advertise`] | store and cache → router: the advertised keys kept in step with what the node holds, filtered by `policy::Advert` |
 //! | | [`registry`] | the OCI distribution API: the containerd-facing mirror endpoint and the peer endpoint |
 //! | root | [`config`] | defaults → YAML file → `SPECULUM_*` environment → flags, every error reported at once |
@@ -57,6 +57,7 @@
 //! | question | file | item |
 //! |---|---|---|
 //! | why an allowed image got 404 | `registry/answer.rs` | the responder chain, in order |
+//! | why CRI-O/podman/skopeo got 404 on a manifest | `registry/complete.rs` | complete-or-nothing; the path-encoded registry rule is `oci::path::split_registry` |
 //! | where the serving node checks a presented grant | `registry/guard.rs` | grant exchange; the token check is `tenancy/grants.rs` (`verify`) |
 //! | what can hold `/readyz` back | `readiness.rs` | [`readiness::Part`]: each variant says who blocks and who releases it |
 //! | which metrics exist | `metrics.rs` | the aggregator; families in each subsystem's `metrics.rs`; names pinned by `tests/loopback/metrics_names.rs` and README "Metrics" |

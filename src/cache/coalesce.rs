@@ -94,6 +94,11 @@ impl Coalescer {
         &self.cache
     }
 
+    /// Whether the cold path may fetch from upstream (`cache.upstream_fetch`).
+    pub fn upstream_fetch(&self) -> bool {
+        self.config.upstream_fetch
+    }
+
     pub fn metrics(&self) -> &CacheMetrics {
         &self.metrics
     }

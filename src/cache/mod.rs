@@ -14,10 +14,14 @@
 //! start (LRU order from file modification times, which a read refreshes); files left in
 //! `ingest/` by a crash are deleted.
 //!
+//! Manifests and the tags that named them are kept here too ([`manifests`]): a node with no
+//! containerd store serves and advertises them like its blobs.
+//!
 //! What it leaves to others: *where* bytes come from ([`upstream`] fetches, [`coalesce`]
 //! decides who fetches), HTTP responses (`crate::registry`), advertising (`crate::advertise`).
 
 pub mod coalesce;
+pub mod manifests;
 pub mod metrics;
 pub mod upstream;
 

@@ -182,6 +182,37 @@ impl Upstream {
         .await
     }
 
+    /// `GET`s manifest `reference` (tag or digest) of `repository` on registry `ns`,
+    /// anonymously, and returns the answer whatever its status (the caller reads status,
+    /// `Content-Type` and body). A refused anonymous token is the caller's "private image".
+    pub async fn manifest_get(
+        &self,
+        ns: &str,
+        repository: &str,
+        reference: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base(ns));
+        self.send(ns, repository, &url, |client| {
+            client.get(&url).header(header::ACCEPT, accept)
+        })
+        .await
+    }
+
+    /// `HEAD`s blob `digest` of `repository` on registry `ns`, anonymously: the status.
+    pub async fn blob_head(
+        &self,
+        ns: &str,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<StatusCode, UpstreamError> {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base(ns));
+        let response = self
+            .send(ns, repository, &url, |client| client.head(&url))
+            .await?;
+        Ok(response.status())
+    }
+
     /// Sends the request `build` makes, anonymously: with the cached token of this
     /// repository's pull scope if there is one; a `401` carrying a Bearer challenge is
     /// answered once with a fresh anonymous token. Returns the last response, any status.

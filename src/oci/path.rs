@@ -65,6 +65,8 @@ pub enum PathError {
     DigestInvalid(#[from] DigestError),
     #[error("invalid ns parameter")]
     NsInvalid,
+    #[error("the registry in the path and the ns parameter disagree")]
+    NsConflict,
 }
 
 /// Parses the path part of a request URI (already split from the query, not percent-decoded).
@@ -95,6 +97,61 @@ pub fn parse_v2_path(path: &str) -> Result<V2Path, PathError> {
         kind,
         target,
     })
+}
+
+/// The registry a first path segment names, by docker's reference rule (a host with a `.` or a
+/// port, or `localhost`), as `ns` spells it. A port is written `<host>_<port>` in the path:
+/// containers/image refuses a mirror location with a `:` after the host (a path component
+/// may not hold one: "rewriting reference: invalid reference format"), and a host name cannot
+/// hold a `_`, so the spelling is unambiguous. `<host>:<port>` is accepted too.
+pub fn path_registry(segment: &str) -> Option<String> {
+    if let Some((host, port)) = segment.rsplit_once('_')
+        && !host.contains(['_', ':'])
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        let ns = format!("{host}:{port}");
+        return parse_ns(&ns).is_ok().then_some(ns);
+    }
+    ((segment.contains('.') || segment.contains(':') || segment == "localhost")
+        && parse_ns(segment).is_ok())
+    .then(|| segment.to_owned())
+}
+
+/// The upstream registry of a request, from the path or the `ns` parameter, and the path with
+/// the registry segment taken out: what [`parse_v2_path`] then parses.
+///
+/// containers/image clients (CRI-O, podman, skopeo) cannot add `?ns=`; their mirror location
+/// carries the registry (`127.0.0.1:5080/docker.io`, `127.0.0.1:5080/10.0.0.5_5000`), so
+/// requests arrive as `/v2/<registry>/<repo>/…`. The rule, strict and pure:
+/// - no `ns`: a first segment that names a registry ([`path_registry`]) is the registry
+///   (`path_encoded`); anything else is a repository with no registry, as before;
+/// - with `ns` (containerd): the path is the repository — registries such as Harbor allow dots
+///   in project names, so `docker.io` or `a_1` there are repository components — except a
+///   first segment with a `:` (never valid in a repository name): dropped when it names `ns`,
+///   [`PathError::NsConflict`] when it names another registry. (So a peer path, always
+///   `?ns=` plus the repository, parses back to the same request.)
+pub fn split_registry<'a>(
+    path: &'a str,
+    ns: Option<&str>,
+) -> Result<(std::borrow::Cow<'a, str>, Option<String>, bool), PathError> {
+    use std::borrow::Cow;
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Ok((Cow::Borrowed(path), ns.map(str::to_owned), false));
+    };
+    let Some((first, after)) = rest.split_once('/') else {
+        return Ok((Cow::Borrowed(path), ns.map(str::to_owned), false));
+    };
+    let stripped = || Cow::Owned(format!("/v2/{after}"));
+    match (ns, path_registry(first)) {
+        (None, Some(registry)) => Ok((stripped(), Some(registry), true)),
+        (None, None) => Ok((Cow::Borrowed(path), None, false)),
+        (Some(ns), Some(registry)) if first.contains(':') => match registry == ns {
+            true => Ok((stripped(), Some(registry), false)),
+            false => Err(PathError::NsConflict),
+        },
+        (Some(ns), _) => Ok((Cow::Borrowed(path), Some(ns.to_owned()), false)),
+    }
 }
 
 /// True when `name` is a repository name under the distribution spec grammar.
@@ -310,6 +367,202 @@ mod tests {
         ];
         for (name, input, want) in cases {
             assert_eq!(parse_v2_path(&input), want, "{name}: {input}");
+        }
+    }
+
+    #[test]
+    fn split_registry_table() {
+        type Want<'a> = Result<(&'a str, Option<&'a str>, bool), PathError>;
+        let cases: Vec<(&str, &str, Option<&str>, Want)> = vec![
+            (
+                "docker hub",
+                "/v2/docker.io/library/alpine/manifests/3",
+                None,
+                Ok(("/v2/library/alpine/manifests/3", Some("docker.io"), true)),
+            ),
+            (
+                "host with port",
+                "/v2/127.0.0.1:5000/rig/app/blobs/x",
+                None,
+                Ok(("/v2/rig/app/blobs/x", Some("127.0.0.1:5000"), true)),
+            ),
+            (
+                "port spelled with _",
+                "/v2/127.0.0.1_5000/rig/app/blobs/x",
+                None,
+                Ok(("/v2/rig/app/blobs/x", Some("127.0.0.1:5000"), true)),
+            ),
+            (
+                "single label with port",
+                "/v2/registry_5000/app/manifests/v1",
+                None,
+                Ok(("/v2/app/manifests/v1", Some("registry:5000"), true)),
+            ),
+            (
+                "bad port is a name",
+                "/v2/a.io_99999/app/manifests/v1",
+                None,
+                Ok(("/v2/a.io_99999/app/manifests/v1", None, false)),
+            ),
+            (
+                "two underscores",
+                "/v2/a__5000/app/manifests/v1",
+                None,
+                Ok(("/v2/a__5000/app/manifests/v1", None, false)),
+            ),
+            (
+                "ns: the _ spelling is a repository",
+                "/v2/10.0.0.1_5000/a/manifests/1",
+                Some("10.0.0.1:5000"),
+                Ok((
+                    "/v2/10.0.0.1_5000/a/manifests/1",
+                    Some("10.0.0.1:5000"),
+                    false,
+                )),
+            ),
+            (
+                "ns: a _ segment naming another registry stays a repository",
+                "/v2/foo_1/a/manifests/1",
+                Some("docker.io"),
+                Ok(("/v2/foo_1/a/manifests/1", Some("docker.io"), false)),
+            ),
+            (
+                "localhost",
+                "/v2/localhost/app/manifests/v1",
+                None,
+                Ok(("/v2/app/manifests/v1", Some("localhost"), true)),
+            ),
+            (
+                "plain name",
+                "/v2/library/alpine/manifests/3",
+                None,
+                Ok(("/v2/library/alpine/manifests/3", None, false)),
+            ),
+            (
+                "dotted project kept after the host",
+                "/v2/harbor.example.com/my.proj/app/manifests/1",
+                None,
+                Ok((
+                    "/v2/my.proj/app/manifests/1",
+                    Some("harbor.example.com"),
+                    true,
+                )),
+            ),
+            (
+                "bad host is a name",
+                "/v2/a..b/app/manifests/1",
+                None,
+                Ok(("/v2/a..b/app/manifests/1", None, false)),
+            ),
+            (
+                "port zero is no host",
+                "/v2/a.io:0/app/manifests/1",
+                None,
+                Ok(("/v2/a.io:0/app/manifests/1", None, false)),
+            ),
+            (
+                "ns: dotted repo stays",
+                "/v2/my.proj/app/manifests/1",
+                Some("harbor.example.com"),
+                Ok((
+                    "/v2/my.proj/app/manifests/1",
+                    Some("harbor.example.com"),
+                    false,
+                )),
+            ),
+            (
+                "ns: a dotted first segment is a repository",
+                "/v2/docker.io/library/a/manifests/1",
+                Some("docker.io"),
+                Ok((
+                    "/v2/docker.io/library/a/manifests/1",
+                    Some("docker.io"),
+                    false,
+                )),
+            ),
+            (
+                "ns equal to a host:port segment",
+                "/v2/10.0.0.1:5000/a/manifests/1",
+                Some("10.0.0.1:5000"),
+                Ok(("/v2/a/manifests/1", Some("10.0.0.1:5000"), false)),
+            ),
+            (
+                "ns and a different host:port",
+                "/v2/10.0.0.1:5000/a/manifests/1",
+                Some("docker.io"),
+                Err(PathError::NsConflict),
+            ),
+            ("no slash after v2", "/v2/", None, Ok(("/v2/", None, false))),
+            (
+                "not v2",
+                "/x/docker.io/a",
+                None,
+                Ok(("/x/docker.io/a", None, false)),
+            ),
+            (
+                "only the registry",
+                "/v2/docker.io/manifests",
+                None,
+                Ok(("/v2/manifests", Some("docker.io"), true)),
+            ),
+        ];
+        for (name, path, ns, want) in cases {
+            let got = split_registry(path, ns).map(|(p, ns, enc)| (p.into_owned(), ns, enc));
+            let want = want.map(|(p, ns, enc)| (p.to_owned(), ns.map(str::to_owned), enc));
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    /// Whatever the input, splitting never panics, and a path it splits parses the same way
+    /// as the stripped path would on its own (the registry segment is really gone).
+    #[test]
+    fn split_registry_never_panics() {
+        let alphabet: &[&str] = &[
+            "/",
+            "v2",
+            "docker.io",
+            "a",
+            ":",
+            "5000",
+            ".",
+            "localhost",
+            "manifests",
+            "blobs",
+            "%2F",
+            "..",
+            "[::1]",
+            "\u{e9}",
+            "-",
+            "_",
+            "_5000",
+            "9",
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            let mut p = String::from("/v2/");
+            for _ in 0..(x % 7) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                p.push_str(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ns = x.is_multiple_of(3).then_some("docker.io");
+            if let Ok((stripped, registry, encoded)) = split_registry(&p, ns) {
+                if encoded {
+                    let registry = registry.expect("an encoded path names its registry");
+                    let first = p[4..].split('/').next().unwrap_or("");
+                    assert_eq!(
+                        path_registry(first).as_deref(),
+                        Some(registry.as_str()),
+                        "{p}"
+                    );
+                    assert_eq!(stripped, format!("/v2/{}", &p[4 + first.len() + 1..]));
+                }
+                let _ = parse_v2_path(&stripped);
+            }
         }
     }
 

@@ -2,7 +2,9 @@
 //! this node's store ([`super::local`]), its blob cache ([`super::from_cache`]), the peers
 //! ([`super::peers`], mirror endpoint only, never for a request that already came from a
 //! peer), the coalesced cold path — and 404 when nobody has it, so containerd goes upstream.
-//! A tag on the mirror endpoint is first resolved by [`super::tags`].
+//! A tag on the mirror endpoint is first resolved by [`super::tags`]. A containers/image
+//! client's manifest request (registry in the path) is answered by [`super::complete`]:
+//! complete-or-nothing, because such a client takes every blob from where it got the manifest.
 
 use std::time::Instant;
 
@@ -10,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::access_log::AccessLog;
 use super::guard::{Admitted, Guard};
-use super::metrics::{Outcome, Source};
-use super::{PullRequest, RegistryError, RegistryState, from_cache, local, tags};
+use super::metrics::{Handler, Outcome, Source};
+use super::{PullRequest, RegistryError, RegistryState, complete, from_cache, local, tags};
 use crate::oci::{Digest, Kind, Target};
 use crate::policy;
 
@@ -31,12 +33,31 @@ impl RegistryState {
             &guard.node,
             guard.audit.clone(),
         );
+        if let Some(who) = &req.requester {
+            log.set_requester(who.node.clone());
+        }
+        if !complete::registry_allowed(self, &req) {
+            // A registry we do not mirror, named in the path: not from us.
+            let e = req.not_found();
+            log.finish(e.status(), 0, None);
+            return (e.into_response(), Outcome::Miss);
+        }
         let Admitted { decision, digest } = match self.admit(guard, &mut req, &log).await {
             Ok(admitted) => admitted,
             Err(refused) => return (refused, Outcome::Miss),
         };
+        // The tag the client asked for, before upstream-first resolution turns it into a digest
+        // (a containers/image manifest is cached under it).
+        let asked = req.path.target.clone();
         if let Some(response) = self.resolve_tag(&decision, &mut req, &log).await {
             return (response, Outcome::Miss);
+        }
+        if req.path_encoded
+            && req.path.kind == Kind::Manifest
+            && self.handler == Handler::Mirror
+            && !req.hop
+        {
+            return complete::manifest(self, guard, &decision, &asked, &mut req, &log).await;
         }
         let digest = match digest {
             Some(d) => d,
@@ -51,6 +72,10 @@ impl RegistryState {
                 return done;
             }
             let cached = from_cache::from_cache(self, &req, &digest, &log).await;
+            if let Some(done) = settle(cached, Source::Cache, Outcome::Local, &log) {
+                return done;
+            }
+            let cached = complete::cached_manifest(self, &req, &digest, &log).await;
             if let Some(done) = settle(cached, Source::Cache, Outcome::Local, &log) {
                 return done;
             }
@@ -115,18 +140,24 @@ impl RegistryState {
         }
     }
 
-    /// The digest the request names, or what its tag resolves to in this node's store.
+    /// The digest the request names, or what its tag resolves to in this node's store, else
+    /// in its cache (the manifests it fetched, `crate::cache::manifests`).
     pub(super) async fn resolve(&self, req: &PullRequest) -> Option<Digest> {
         match &req.path.target {
             Target::Digest(d) => Some(d.clone()),
             Target::Tag(tag) => {
                 let ns = req.ns.as_ref()?;
-                match self.store.resolve(ns, &req.path.name, tag).await {
+                let stored = match self.store.resolve(ns, &req.path.name, tag).await {
                     Ok(d) => d,
                     Err(e) => {
                         tracing::warn!(error = %e, registry = %ns, "store resolve failed; trying peers");
                         None
                     }
+                };
+                match (stored, &self.cache) {
+                    (Some(d), _) => Some(d),
+                    (None, Some(c)) => c.cache().tag(ns, &req.path.name, tag).await,
+                    (None, None) => None,
                 }
             }
         }

@@ -64,9 +64,9 @@ impl RegistryError {
     fn code(&self) -> ErrorCode {
         match self {
             RegistryError::Path(PathError::NotFound) => ErrorCode::NameUnknown,
-            RegistryError::Path(PathError::NameInvalid | PathError::NsInvalid) => {
-                ErrorCode::NameInvalid
-            }
+            RegistryError::Path(
+                PathError::NameInvalid | PathError::NsInvalid | PathError::NsConflict,
+            ) => ErrorCode::NameInvalid,
             RegistryError::Path(PathError::TagInvalid) => ErrorCode::ManifestUnknown,
             RegistryError::Path(PathError::DigestInvalid(_)) => ErrorCode::DigestInvalid,
             RegistryError::ManifestUnknown => ErrorCode::ManifestUnknown,

@@ -110,9 +110,6 @@ impl RegistryState {
         req: &mut PullRequest,
         log: &AccessLog,
     ) -> Result<Admitted, Response> {
-        if let Some(who) = &req.requester {
-            log.set_requester(who.node.clone());
-        }
         let mut input = guard.input(req, self.handler);
         input.namespaces = self.namespaces(guard, req);
         log.set_namespaces(input.namespaces.clone());

@@ -13,7 +13,8 @@
 //! 3. [`guard`]: peer authentication, the policy input, the decision, the grant exchange: a
 //!    deny, a tag the switches or the policy will not resolve, or a failed evaluation is a
 //!    plain 404 — containerd goes upstream.
-//! 4. `answer` (private): a tag on the mirror endpoint is resolved by [`tags`], then the
+//! 4. `answer` (private): a containers/image client's manifest (registry in the path) is
+//!    answered complete-or-nothing by `complete` (private); a tag on the mirror endpoint is resolved by [`tags`], then the
 //!    responders in order — [`local`] (the store), [`from_cache`] (the blob cache, complete
 //!    or in flight), [`peers`] (mirror endpoint only; `crate::wire::resume` continues a broken
 //!    stream elsewhere), the coalesced cold path — else 404.
@@ -25,6 +26,7 @@
 pub mod access_log;
 mod answer;
 pub mod body;
+mod complete;
 pub mod config;
 pub mod error;
 pub mod from_cache;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use axum::http::{HeaderMap, Method, Uri};
 
 use super::RegistryError;
-use crate::oci::path::{PathError, parse_ns, parse_v2_path};
+use crate::oci::path::{PathError, parse_ns, parse_v2_path, split_registry};
 use crate::oci::range::parse_range;
 use crate::oci::{Kind, Reference, Target, V2Path};
 use crate::tenancy::grants::Presented;
@@ -20,8 +20,13 @@ use crate::wire::HOP_HEADER;
 pub struct PullRequest {
     pub head: bool,
     pub path: V2Path,
-    /// The upstream registry (`ns` query parameter containerd adds for mirrors).
+    /// The upstream registry: the `ns` query parameter containerd adds for mirrors, or the
+    /// first path segment of a containers/image client (`/v2/<registry>/<repo>/…`).
     pub ns: Option<String>,
+    /// True when the registry came from the path: a containers/image client (CRI-O, podman,
+    /// skopeo), which takes every blob from the source that answered the manifest, so its
+    /// manifests are answered complete-or-nothing (`super::complete`).
+    pub path_encoded: bool,
     /// The raw `Range` header, syntax already checked.
     pub range: Option<String>,
     /// True when another daemon sent this request.
@@ -51,8 +56,9 @@ impl PullRequest {
             Method::HEAD => true,
             _ => return Err(RegistryError::MethodNotAllowed),
         };
-        let path = parse_v2_path(uri.path())?;
         let ns = query_ns(uri.query())?;
+        let (path, ns, path_encoded) = split_registry(uri.path(), ns.as_deref())?;
+        let path = parse_v2_path(&path)?;
         let range = match headers.get(http::header::RANGE) {
             None => None,
             Some(v) => {
@@ -81,16 +87,14 @@ impl PullRequest {
             head,
             path,
             ns,
+            path_encoded,
             range,
             hop: headers.contains_key(HOP_HEADER),
             client,
             presented,
             requester: None,
             peer_headers: HeaderMap::new(),
-            accept: headers
-                .get(http::header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            accept: accept(headers),
         })
     }
 
@@ -131,6 +135,20 @@ impl PullRequest {
             Kind::Blob => RegistryError::BlobUnknown,
         }
     }
+}
+
+/// The client's `Accept` values as one list. containers/image sends one `Accept` header per
+/// media type; reading only the first would ask upstream for a plain manifest, and a registry
+/// then answers 404 for a tag naming an index.
+fn accept(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 /// Extracts and validates the single `ns` parameter. Other parameters are ignored.
@@ -257,6 +275,48 @@ mod tests {
                 Err(()),
             ),
             (
+                "path-encoded registry",
+                Method::GET,
+                "/v2/docker.io/library/alpine/manifests/3".into(),
+                None,
+                Ok(Some("docker.io")),
+            ),
+            (
+                "path-encoded host:port blob",
+                Method::HEAD,
+                format!("/v2/127.0.0.1:5000/rig/app/blobs/{d}"),
+                None,
+                Ok(Some("127.0.0.1:5000")),
+            ),
+            (
+                "path and ns agree",
+                Method::GET,
+                "/v2/10.0.0.1:5000/app/manifests/3?ns=10.0.0.1%3A5000".into(),
+                None,
+                Ok(Some("10.0.0.1:5000")),
+            ),
+            (
+                "path and ns disagree",
+                Method::GET,
+                "/v2/10.0.0.1:5000/app/manifests/3?ns=docker.io".into(),
+                None,
+                Err(()),
+            ),
+            (
+                "path-encoded with nothing after the registry",
+                Method::GET,
+                "/v2/docker.io/manifests/3".into(),
+                None,
+                Err(()),
+            ),
+            (
+                "path-encoded with a bad repository",
+                Method::GET,
+                "/v2/docker.io/Alpine/manifests/3".into(),
+                None,
+                Err(()),
+            ),
+            (
                 "range ok",
                 Method::GET,
                 format!("/v2/a/blobs/{d}"),
@@ -291,6 +351,24 @@ mod tests {
     }
 
     #[test]
+    fn accept_headers_are_joined() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(accept(&headers), None);
+        headers.append(
+            http::header::ACCEPT,
+            "application/a".parse().expect("value"),
+        );
+        headers.append(
+            http::header::ACCEPT,
+            "application/b, application/c".parse().expect("value"),
+        );
+        assert_eq!(
+            accept(&headers).as_deref(),
+            Some("application/a, application/b, application/c")
+        );
+    }
+
+    #[test]
     fn keys_and_peer_paths() {
         let req = parse(
             Method::GET,
@@ -302,5 +380,11 @@ mod tests {
         assert_eq!(req.peer_path(), "/v2/rig/x/manifests/v1?ns=10.0.0.2%3A5000");
         let no_ns = parse(Method::GET, "/v2/rig/x/manifests/v1", None).expect("valid");
         assert_eq!(no_ns.key(), None, "a tag without ns has no key");
+        assert!(!no_ns.path_encoded && !req.path_encoded);
+        // A containers/image request has containerd's key and asks peers with `?ns=`.
+        let enc = parse(Method::GET, "/v2/10.0.0.2_5000/rig/x/manifests/v1", None).expect("valid");
+        assert!(enc.path_encoded);
+        assert_eq!(enc.key(), req.key());
+        assert_eq!(enc.peer_path(), req.peer_path());
     }
 }

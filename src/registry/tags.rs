@@ -177,6 +177,19 @@ impl TagResolver {
         self
     }
 
+    /// True when registry `ns` is one of the mirrored registries (every registry without a
+    /// list): the registries a containers/image client may name in the path (`super::complete`).
+    pub fn mirrors(&self, ns: &str) -> bool {
+        self.registries
+            .as_ref()
+            .is_none_or(|r| r.iter().any(|h| h == ns))
+    }
+
+    /// The anonymous upstream client (mirrored registries only: check [`TagResolver::mirrors`]).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     /// The configured mode (`mirror.tag_resolution`), used when the policy does not choose.
     pub fn mode(&self) -> TagResolution {
         self.mode

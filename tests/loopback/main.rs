@@ -9,6 +9,7 @@
 
 mod advertise;
 mod audit;
+mod cimage_grants;
 mod cli_flags;
 mod fuzz_smoke;
 mod hostile;

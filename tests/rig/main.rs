@@ -10,6 +10,7 @@
 //!
 //! Adding a file: put `tests/rig/<name>.rs` next to this one and list it below.
 
+mod cimage;
 mod cluster;
 mod coalesce;
 mod crio;
