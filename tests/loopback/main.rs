@@ -21,5 +21,6 @@ mod policy_cli;
 mod registry;
 mod routing_kademlia;
 mod routing_psk;
+mod swarm;
 mod tags;
 mod tenancy_registry;

@@ -107,6 +107,7 @@ impl World {
                 metrics: Default::default(),
                 readiness: Readiness::new(),
                 handler: Handler::Peer,
+                serving: Default::default(),
             },
             Guard {
                 gate: private_gate(),
@@ -159,6 +160,7 @@ impl World {
                 metrics,
                 readiness: Readiness::new(),
                 handler: Handler::Mirror,
+                serving: Default::default(),
             },
             Guard {
                 gate: private_gate(),

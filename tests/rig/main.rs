@@ -17,4 +17,5 @@ mod faults;
 mod parallel_fetch;
 mod prometheus;
 mod status_page;
+mod swarm;
 mod tenancy;
