@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::reload as policy_reload;
 use crate::readiness::{Part, Readiness};
-use crate::registry::peers::Tee;
+use crate::registry::peers::CacheTee;
 use crate::registry::tags::TagResolver;
 use crate::registry::{self, Guard, Handler, Mirror, RegistryState, TenancyGuard};
 use crate::routing::kademlia::{self, KademliaRouter};
@@ -176,7 +176,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     };
     // Whole peer blobs are teed into the cache (`mirror.tee`): this node serves them at once.
     let mirror = match &coalescer {
-        Some(c) => mirror.with_tee(Tee {
+        Some(c) => mirror.with_tee(CacheTee {
             cache: c.cache().clone(),
             allow: {
                 let gate = gate.clone();

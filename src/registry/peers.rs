@@ -6,7 +6,7 @@
 //! (`wire::verify`). A big blob with several holders comes as parallel `Range` chunks from
 //! all of them (`wire::chunks`, `mirror.chunk_*`); an open-ended client range is asked for one
 //! window at a time. With the blob cache on, a whole blob is also teed into it and this node
-//! advertised as an in-flight holder at once ([`Tee`]), so later pulls spread over every
+//! advertised as an in-flight holder at once ([`CacheTee`]), so later pulls spread over every
 //! receiver. Manifests are small: they are buffered, checked against their digest and
 //! bounded by an overall deadline. Any failure ends in `Ok(None)`: the caller answers 404 and
 //! containerd goes upstream.
@@ -51,12 +51,12 @@ pub struct Mirror {
     /// Asks upstream which digest a tag names; `None`: every tag resolves through the cluster.
     tags: Option<TagResolver>,
     /// Where whole peer blobs are teed (`cache.enabled` and `mirror.tee`); `None`: not teed.
-    tee: Option<Tee>,
+    tee: Option<CacheTee>,
 }
 
 /// The blob cache a peer blob is written into as it passes, and who may be advertised.
 #[derive(Clone)]
-pub struct Tee {
+pub struct CacheTee {
     pub cache: Arc<Cache>,
     /// The policy's advertisement decision (`policy::Advert`): only content it lets this node
     /// advertise is teed (and so advertised).
@@ -96,7 +96,7 @@ impl Mirror {
     }
 
     /// Tees whole peer blobs into `tee`'s cache (when `mirror.tee` is on).
-    pub fn with_tee(mut self, tee: Tee) -> Mirror {
+    pub fn with_tee(mut self, tee: CacheTee) -> Mirror {
         if self.config.tee {
             self.tee = Some(tee);
         }
@@ -441,7 +441,7 @@ impl Mirror {
         body
     }
 
-    fn may_tee(&self, tee: &Tee, req: &PullRequest, digest: &Digest, length: u64) -> bool {
+    fn may_tee(&self, tee: &CacheTee, req: &PullRequest, digest: &Digest, length: u64) -> bool {
         let Some(ns) = req.ns.as_ref() else {
             return false;
         };
