@@ -345,5 +345,8 @@ async fn a_follower_never_gets_a_wrong_blob_whole() {
         .unwrap_or_else(|_| panic!("follower hung"))
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(failed, "the read must fail");
-    assert!(got < wrong.len(), "{got} bytes: the wrong blob arrived whole");
+    assert!(
+        got < wrong.len(),
+        "{got} bytes: the wrong blob arrived whole"
+    );
 }
