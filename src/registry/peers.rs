@@ -349,7 +349,7 @@ impl Mirror {
         let first = io_stream(resp.bytes_stream());
         let whole = status == StatusCode::OK;
         let others = peers.known();
-        let chunked = |parallel: usize| Chunked {
+        let chunked = |parallel: usize, ramp: bool| Chunked {
             client: self.client.clone(),
             holders: std::iter::once(peer.addr)
                 .chain(others.iter().map(|p| p.addr))
@@ -358,10 +358,11 @@ impl Mirror {
             headers: req.peer_headers.clone(),
             chunk: self.config.chunk_size,
             parallel,
+            ramp,
             observer: Arc::new(Counting(self.metrics.clone())),
         };
         let stream = if windowed {
-            chunked(1).stream(start, end, Some(first))
+            chunked(1, true).stream(start, end, Some(first))
         } else if whole
             && !others.is_empty()
             && self.config.chunk_threshold > 0
@@ -374,7 +375,7 @@ impl Mirror {
                 holders = others.len() + 1,
                 "fetching a big blob as chunks from several holders"
             );
-            chunked(self.config.chunk_parallel).stream(start, end, Some(first))
+            chunked(self.config.chunk_parallel, false).stream(start, end, Some(first))
         } else {
             let rest = FromPeers {
                 peers: std::mem::replace(peers, PeerQueue::empty()),

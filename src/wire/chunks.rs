@@ -50,6 +50,34 @@ pub fn plan(start: u64, end: u64, size: u64) -> Vec<Chunk> {
     chunks
 }
 
+/// Windows for a client that may stop reading any time (an open-ended range): the first of
+/// `size` bytes, then from `size / 8` doubling back up to `size`. A client that reads one
+/// `size` chunk and closes (containerd's parallel fetch) costs at most one small window more,
+/// however far the socket buffers let the sender run ahead of it.
+pub fn ramp(start: u64, end: u64, size: u64) -> Vec<Chunk> {
+    let size = size.max(1);
+    let mut chunks = Vec::new();
+    let mut next = start;
+    let mut window = size;
+    while next <= end {
+        let last = next.saturating_add(window - 1).min(end);
+        chunks.push(Chunk {
+            start: next,
+            end: last,
+        });
+        if last == u64::MAX {
+            break;
+        }
+        next = last + 1;
+        window = if chunks.len() == 1 {
+            (size / 8).max(1)
+        } else {
+            window.saturating_mul(2).min(size)
+        };
+    }
+    chunks
+}
+
 /// What a chunked fetch needs to know besides the range.
 #[derive(Clone)]
 pub struct Chunked {
@@ -62,6 +90,8 @@ pub struct Chunked {
     pub headers: HeaderMap,
     pub chunk: u64,
     pub parallel: usize,
+    /// Windows as [`ramp`] plans them (an open-ended client range), not [`plan`]'s.
+    pub ramp: bool,
     /// Called with the holder's address and the bytes it delivered, per finished piece (the
     /// caller's per-holder accounting); and once per chunk that had to move to another holder.
     pub observer: Arc<dyn Observer>,
@@ -258,6 +288,31 @@ mod tests {
         ];
         for (name, start, end, size, want) in cases {
             assert_eq!(plan(start, end, size), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn ramp_table() {
+        let cases = [
+            (
+                "one full window, then an eighth doubling back",
+                0,
+                99,
+                32,
+                vec![
+                    c(0, 31),
+                    c(32, 35),
+                    c(36, 43),
+                    c(44, 59),
+                    c(60, 91),
+                    c(92, 99),
+                ],
+            ),
+            ("within the first window", 10, 20, 32, vec![c(10, 20)]),
+            ("tiny windows", 0, 3, 2, vec![c(0, 1), c(2, 2), c(3, 3)]),
+        ];
+        for (name, start, end, size, want) in cases {
+            assert_eq!(ramp(start, end, size), want, "{name}");
         }
     }
 

@@ -7,8 +7,8 @@
 //! digest; the test re-hashes every blob), that every range came from the cluster and none from
 //! upstream, that the ranges really were many and concurrent-sized (206 responses at node 2's
 //! mirror and at node 1's peer endpoint), and that node 1 sent them with `sendfile(2)` (zero
-//! copy), and that node 1 sent about the layer once (≤ 1.3×; an open-ended first range is asked
-//! from the peer one window at a time). Prints the pull's time, throughput and peer bytes.
+//! copy), and that node 1 sent at most 1.85× the layer (open-ended ranges are asked from the peer
+//! one window at a time; it was 2.07–2.2×). Prints the pull's time, throughput and peer bytes.
 //!
 //! Needs root and containerd ≥ 2.1 (`RIG_CONTAINERD`, default the 2.x LTS): on an older line it
 //! says so on stderr (SKIPPED …) and returns, as every rig test does without root.
@@ -117,14 +117,17 @@ fn parallel_range_fetch_of_one_layer_is_served_by_peers_zero_copy() -> Result<()
          copy from its content files)",
         layer.size
     );
-    // containerd's first range is open-ended (`bytes=0-`) and read for one chunk only: the
-    // mirror asks the peer for it one window at a time (`mirror.chunk_size`). Before, the
-    // peer sent the whole remainder: 2.07–2.2× the layer (BENCHMARKS.md §3).
+    // containerd 2.3 sends every range open-ended (`bytes=N-`) and reads one chunk of each:
+    // the mirror asks the peer one window at a time (`mirror.chunk_size`, then small windows
+    // growing again). Before, the peer sent each whole remainder: 2.07–2.2× the layer
+    // (BENCHMARKS.md §3); measured after: 1.51–1.71× in three runs, the rest being what the
+    // socket buffers (mirror → containerd, peer → mirror) let the mirror run ahead of a
+    // containerd that stopped reading.
     let ratio = sendfile / layer.size as f64;
     ensure!(
-        ratio <= 1.3,
-        "node 1 sent {ratio:.2}× the layer to node 2, want at most 1.3× (the open-ended first \
-         range must be fetched one window at a time)"
+        ratio <= 1.85,
+        "node 1 sent {ratio:.2}× the layer to node 2, want at most 1.85× (open-ended ranges must \
+         be fetched one window at a time)"
     );
     rig.step(&format!(
         "parallel fetch: {} bytes in {:.2} s ({:.0} MB/s), {ranges_in} ranges at node 2's \
