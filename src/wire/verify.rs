@@ -99,7 +99,9 @@ mod tests {
         let digest = Digest::sha256_of(&good);
         let mut bad = good.clone();
         bad[3] ^= 1;
-        let cases: Vec<(&str, Vec<u8>, u64, Vec<u8>, bool)> = vec![
+        // (name, body sent, size announced, bytes the client gets, the stream fails)
+        type Case = (&'static str, Vec<u8>, u64, Vec<u8>, bool);
+        let cases: Vec<Case> = vec![
             ("good", good.clone(), good.len() as u64, good.clone(), false),
             // Everything but the last piece got through; the last is held back as an error.
             (

@@ -535,7 +535,7 @@ async fn half_range_peer(digest: Digest, body: Vec<u8>) -> SocketAddr {
                     "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{extra}docker-content-digest: {digest}\r\nconnection: close\r\n\r\n",
                     end - start + 1
                 );
-                let half = start + (end - start + 1) / 2;
+                let half = start + (end - start + 1).div_euclid(2);
                 let _ = s.write_all(head.as_bytes()).await;
                 let _ = s.write_all(&body[start as usize..half as usize]).await;
                 let _ = s.shutdown().await;
