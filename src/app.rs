@@ -23,10 +23,11 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::reload as policy_reload;
 use crate::readiness::{Part, Readiness};
+use crate::registry::peers::CacheTee;
 use crate::registry::tags::TagResolver;
 use crate::registry::{self, Guard, Handler, Mirror, RegistryState};
-use crate::routing::Router;
 use crate::routing::kademlia::{self, KademliaRouter};
+use crate::routing::{Router, ServingLoad};
 use crate::server::{self, ServeOptions};
 use crate::shutdown::{self, Shutdown};
 use crate::status;
@@ -169,6 +170,20 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Whole peer blobs are teed into the cache (`mirror.tee`): this node serves them at once.
+    let mirror = match &coalescer {
+        Some(c) => mirror.with_tee(CacheTee {
+            cache: c.cache().clone(),
+            allow: {
+                let gate = gate.clone();
+                let node = config.node.name.clone();
+                Arc::new(move |image| gate.advert(image, &node))
+            },
+        }),
+        None => mirror,
+    };
+    // The cap on blob streams the peer endpoint serves (`registry.peer_serving_limit`).
+    let serving = ServingLoad::new(config.registry.peer_serving_limit);
     let state = |handler, mirror: Option<Arc<Mirror>>| RegistryState {
         store: store.clone(),
         mirror,
@@ -176,6 +191,7 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         metrics: metrics.registry.clone(),
         readiness: readiness.clone(),
         handler,
+        serving: serving.clone(),
     };
 
     let (sync_stop, sync_shutdown) = shutdown::channel();

@@ -136,8 +136,8 @@ features that are switched off are left out entirely.
 {{- end }}
 {{- end }}
 {{- $cfg := dict
-  "registry" (dict "mirror_listen" (printf "127.0.0.1:%d" (int $d.ports.mirror)) "peer_listen" (printf "0.0.0.0:%d" (int $d.ports.peer)) "drain_grace" $d.drainGrace)
-  "mirror" (dict "resolve_timeout" $d.resolveTimeout "blob_resolve_timeout" $d.blobResolveTimeout "attempts" (int $d.mirrorAttempts) "manifest_deadline" $d.manifestDeadline "tag_resolution" $d.tagResolution "tag_upstream_timeout" $d.tagUpstreamTimeout)
+  "registry" (dict "mirror_listen" (printf "127.0.0.1:%d" (int $d.ports.mirror)) "peer_listen" (printf "0.0.0.0:%d" (int $d.ports.peer)) "drain_grace" $d.drainGrace "peer_serving_limit" (int $d.peerServingLimit))
+  "mirror" (dict "resolve_timeout" $d.resolveTimeout "blob_resolve_timeout" $d.blobResolveTimeout "attempts" (int $d.mirrorAttempts) "manifest_deadline" $d.manifestDeadline "tag_resolution" $d.tagResolution "tag_upstream_timeout" $d.tagUpstreamTimeout "chunk_threshold" (int64 $d.chunkThreshold))
   "metrics" (dict "listen" (printf "0.0.0.0:%d" (int $d.ports.metrics)))
   "containerd" $containerd
   "routing" $routing

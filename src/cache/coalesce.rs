@@ -324,6 +324,8 @@ impl Coalescer {
                 {
                     break r;
                 }
+                // At its serving cap: polling would only add to its load; fetch it myself.
+                Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => return None,
                 _ if tokio::time::Instant::now() + FOLLOW_POLL < deadline => {
                     // Bounded poll: the winner reserves the blob a moment after its claim.
                     tokio::time::sleep(FOLLOW_POLL).await;

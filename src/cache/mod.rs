@@ -6,7 +6,8 @@
 //! only when its sha256 matches is it renamed into `blobs/` and becomes *complete*; a digest
 //! mismatch deletes it. While in flight, readers open the ingest file and follow its growth
 //! through a `tokio::sync::watch` of the bytes written: they get bytes as they land and an
-//! error if the writer fails. The rename keeps the inode, so a reader that opened the ingest
+//! error if the writer fails (the last byte only once the digest matched, so a reader never
+//! passes on a complete body that is wrong). The rename keeps the inode, so a reader that opened the ingest
 //! file keeps reading the same bytes after completion.
 //!
 //! Size is bounded by `max_bytes`: least recently used complete entries are evicted to make
@@ -302,6 +303,11 @@ impl Cache {
     pub fn usage(&self) -> (usize, u64) {
         let index = self.lock();
         (index.entries.len(), index.bytes)
+    }
+
+    /// The cache's bound (`cache.max_bytes`): a blob larger than this is never written.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     /// Digests of every complete blob.
@@ -650,9 +656,11 @@ impl Writer {
         file.flush().await.map_err(io)?;
         self.written += data.len() as u64;
         if let Some(size) = self.size {
+            // The last byte becomes readable only with `Done`, after the digest matched: a
+            // reader never hands out a complete body that is wrong (a mismatch fails it).
             self.progress.send_replace(Progress::Writing {
                 size,
-                written: self.written,
+                written: self.written.min(size.saturating_sub(1)),
             });
         }
         Ok(())

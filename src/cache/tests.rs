@@ -310,3 +310,43 @@ fn config_validation_names_each_field() {
         );
     }
 }
+
+/// A follower of an in-flight blob never receives the whole of a blob that turns out wrong:
+/// the last byte is readable only once the digest matched, and the mismatch fails the read.
+#[tokio::test]
+async fn a_follower_never_gets_a_wrong_blob_whole() {
+    let dir = tempdir();
+    let cache = open(dir.path(), 10 * MIB);
+    let (d, _) = blob(50, 2 * WRITE_CHUNK);
+    let (_, wrong) = blob(51, 2 * WRITE_CHUNK);
+    let mut w = cache.begin(&d).unwrap_or_else(|e| panic!("{e}"));
+    w.set_size(wrong.len() as u64);
+    let (_, follower) = cache.read(&d, None).unwrap_or_else(|e| panic!("{e}"));
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        let mut follower = follower;
+        loop {
+            match follower.try_next().await {
+                Ok(Some(b)) => got += b.len(),
+                Ok(None) => return (got, false),
+                Err(_) => return (got, true),
+            }
+        }
+    });
+    for chunk in wrong.chunks(WRITE_CHUNK) {
+        w.write(chunk).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(matches!(
+        w.finish().await,
+        Err(CacheError::DigestMismatch { .. })
+    ));
+    let (got, failed) = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .unwrap_or_else(|_| panic!("follower hung"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(failed, "the read must fail");
+    assert!(
+        got < wrong.len(),
+        "{got} bytes: the wrong blob arrived whole"
+    );
+}

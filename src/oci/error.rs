@@ -16,6 +16,8 @@ pub enum ErrorCode {
     Unsupported,
     /// Not in the spec's table but used by the CNCF distribution registry for bad ranges.
     RangeInvalid,
+    /// The spec's `TOOMANYREQUESTS` (429): a holder at its cap of peer-serving streams.
+    TooManyRequests,
 }
 
 impl ErrorCode {
@@ -30,6 +32,7 @@ impl ErrorCode {
             ErrorCode::Denied => "DENIED",
             ErrorCode::Unsupported => "UNSUPPORTED",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
+            ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
         }
     }
 
@@ -43,6 +46,7 @@ impl ErrorCode {
             ErrorCode::Denied => StatusCode::FORBIDDEN,
             ErrorCode::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 

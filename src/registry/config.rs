@@ -12,6 +12,9 @@ use crate::policy::TagResolution;
 use crate::server::ServeOptions;
 use crate::server::options::{DEFAULT_IDLE, DEFAULT_WRITE_STALL};
 
+/// The largest `registry.peer_serving_limit` accepted (each stream is a task and a socket).
+pub const MAX_PEER_SERVING_LIMIT: u32 = 4096;
+
 /// The two registry listeners and the shutdown drain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +43,11 @@ pub struct RegistryConfig {
     /// the daemons' peer client), so they close first.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The most blob streams the peer endpoint serves to other daemons at once; beyond it a
+    /// blob request is answered 429 with `Retry-After` and the asker moves on to another
+    /// holder (or upstream). The DHT's `has` answers report the count against it, so askers
+    /// prefer less loaded holders. `0`: no cap.
+    pub peer_serving_limit: u32,
 }
 
 impl RegistryConfig {
@@ -72,6 +80,11 @@ impl RegistryConfig {
         {
             errors.push("registry.idle_timeout must be between 1s and 1h".to_owned());
         }
+        if self.peer_serving_limit > MAX_PEER_SERVING_LIMIT {
+            errors.push(format!(
+                "registry.peer_serving_limit must be at most {MAX_PEER_SERVING_LIMIT} (0: no cap)"
+            ));
+        }
         errors
     }
 }
@@ -85,6 +98,7 @@ impl Default for RegistryConfig {
             sendfile: true,
             write_stall_timeout: DEFAULT_WRITE_STALL,
             idle_timeout: DEFAULT_IDLE,
+            peer_serving_limit: 32,
         }
     }
 }
@@ -123,6 +137,22 @@ pub struct MirrorConfig {
     /// Every tag pull waits at most this long when upstream is silent.
     #[serde(with = "humantime_serde")]
     pub tag_upstream_timeout: Duration,
+    /// With the blob cache on (`cache.enabled`): a whole blob streamed from a peer is also
+    /// written into this node's cache, and the node advertises itself as an in-flight holder
+    /// at once, so later pulls spread over every node that has (part of) it — a tree, not a
+    /// star. Only what the policy lets this node advertise, never a blob that needs a grant,
+    /// never one larger than the cache.
+    pub tee: bool,
+    /// A whole blob at least this large is fetched as disjoint `Range` chunks from several
+    /// holders at once (when the lookup found more than one), streamed to the client in order
+    /// and verified against its digest at the end. `0`: never.
+    pub chunk_threshold: u64,
+    /// Bytes per chunk; also the window in which an open-ended client range (`bytes=N-`) is
+    /// requested from a peer, so bytes the client never reads are never sent.
+    pub chunk_size: u64,
+    /// Chunks in flight at once for one blob (the memory bound is `chunk_parallel` ×
+    /// `chunk_size` per blob).
+    pub chunk_parallel: usize,
 }
 
 impl Default for MirrorConfig {
@@ -136,6 +166,10 @@ impl Default for MirrorConfig {
             read_timeout: Duration::from_secs(10),
             tag_resolution: TagResolution::UpstreamFirst,
             tag_upstream_timeout: Duration::from_millis(1500),
+            tee: true,
+            chunk_threshold: 64 << 20,
+            chunk_size: 8 << 20,
+            chunk_parallel: 4,
         }
     }
 }
@@ -162,6 +196,17 @@ impl MirrorConfig {
             || self.tag_upstream_timeout > Duration::from_secs(30)
         {
             errors.push("mirror.tag_upstream_timeout must be between 10ms and 30s".to_owned());
+        }
+        if self.chunk_size < 64 << 10 || self.chunk_size > 256 << 20 {
+            errors.push("mirror.chunk_size must be between 64 KiB and 256 MiB".to_owned());
+        }
+        if self.chunk_parallel == 0 || self.chunk_parallel > 16 {
+            errors.push("mirror.chunk_parallel must be between 1 and 16".to_owned());
+        }
+        if self.chunk_threshold != 0 && self.chunk_threshold < self.chunk_size {
+            errors.push(
+                "mirror.chunk_threshold must be 0 (off) or at least mirror.chunk_size".to_owned(),
+            );
         }
         errors
     }
@@ -220,6 +265,43 @@ mod tests {
                     ..RegistryConfig::default()
                 },
                 "registry.idle_timeout must be between 1s and 1h",
+            ),
+            (
+                "serving limit",
+                MirrorConfig::default(),
+                RegistryConfig {
+                    peer_serving_limit: 5000,
+                    ..RegistryConfig::default()
+                },
+                "registry.peer_serving_limit must be at most 4096 (0: no cap)",
+            ),
+            (
+                "chunk size",
+                MirrorConfig {
+                    chunk_size: 1024,
+                    chunk_threshold: 0,
+                    ..MirrorConfig::default()
+                },
+                RegistryConfig::default(),
+                "mirror.chunk_size must be between 64 KiB and 256 MiB",
+            ),
+            (
+                "chunk parallel",
+                MirrorConfig {
+                    chunk_parallel: 0,
+                    ..MirrorConfig::default()
+                },
+                RegistryConfig::default(),
+                "mirror.chunk_parallel must be between 1 and 16",
+            ),
+            (
+                "chunk threshold below a chunk",
+                MirrorConfig {
+                    chunk_threshold: 1 << 20,
+                    ..MirrorConfig::default()
+                },
+                RegistryConfig::default(),
+                "mirror.chunk_threshold must be 0 (off) or at least mirror.chunk_size",
             ),
         ];
         assert!(MirrorConfig::default().validate().is_empty());

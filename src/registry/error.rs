@@ -43,6 +43,10 @@ pub enum RegistryError {
     /// (`server::http1`), so that it too gets an OCI body. RFC 9112, 3.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// Peer endpoint: this node already serves as many blob streams to peers as
+    /// `registry.peer_serving_limit` allows; the asker moves on to another holder.
+    #[error("serving {serving} blob streams to peers, the limit")]
+    Busy { serving: u32 },
 }
 
 impl From<Refusal> for RegistryError {
@@ -77,6 +81,7 @@ impl RegistryError {
             | RegistryError::Malformed(_) => ErrorCode::Unsupported,
             RegistryError::Unauthorized(_) => ErrorCode::Unauthorized,
             RegistryError::Denied(_) => ErrorCode::Denied,
+            RegistryError::Busy { .. } => ErrorCode::TooManyRequests,
         }
     }
 
@@ -112,6 +117,10 @@ impl IntoResponse for RegistryError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"speculum-peer\""),
             );
+        }
+        if let RegistryError::Busy { .. } = self {
+            // RFC 6585, 4: how long to wait; a daemon moves to the next holder at once anyway.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let RegistryError::MethodNotAllowed = self {
             headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

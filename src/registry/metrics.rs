@@ -127,6 +127,12 @@ struct PeerFailureLabels {
     reason: &'static str,
 }
 
+/// `result` of a blob teed into the cache: `complete` (verified, kept) or `failed`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 /// `source`: who named a tag's digest — `upstream`, `cluster` or `stale`
 /// (`registry::tags::TagSource`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -145,6 +151,9 @@ pub struct RegistryMetrics {
     sendfile_bytes: Counter,
     peer_failures: Family<PeerFailureLabels, Counter>,
     resumes: Counter,
+    chunked_blobs: Counter,
+    chunk_refetches: Counter,
+    teed_blobs: Family<ResultLabels, Counter>,
     tag_resolutions: Family<TagLabels, Counter>,
     tag_upstream_duration: Histogram,
     /// `routing_lookup_duration_seconds`: the time to the first peer *as the mirror sees it*
@@ -171,6 +180,9 @@ impl RegistryMetrics {
             sendfile_bytes: Counter::default(),
             peer_failures: Family::default(),
             resumes: Counter::default(),
+            chunked_blobs: Counter::default(),
+            chunk_refetches: Counter::default(),
+            teed_blobs: Family::default(),
             tag_resolutions: Family::default(),
             tag_upstream_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             lookup_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -209,6 +221,21 @@ impl RegistryMetrics {
             "mirror_resumes",
             "Blob streams resumed from another peer after a break",
             m.resumes.clone(),
+        );
+        registry.register(
+            "mirror_chunked_blobs",
+            "Blobs fetched as parallel Range chunks from several holders",
+            m.chunked_blobs.clone(),
+        );
+        registry.register(
+            "mirror_chunk_refetches",
+            "Chunks (or windows) continued at another holder after theirs failed",
+            m.chunk_refetches.clone(),
+        );
+        registry.register(
+            "mirror_teed_blobs",
+            "Blobs streamed from peers and written into this node's cache as they passed, by result (complete, failed)",
+            m.teed_blobs.clone(),
         );
         registry.register(
             "mirror_tag_resolutions",
@@ -278,6 +305,23 @@ impl RegistryMetrics {
     /// A broken peer blob stream continued at another peer.
     pub fn resumed(&self) {
         self.resumes.inc();
+    }
+
+    /// A blob fetched as chunks from several holders.
+    pub fn chunked(&self) {
+        self.chunked_blobs.inc();
+    }
+
+    /// A chunk continued at another holder.
+    pub fn chunk_refetched(&self) {
+        self.chunk_refetches.inc();
+    }
+
+    /// A blob teed into the cache ended: `complete` or `failed`.
+    pub fn teed(&self, result: &'static str) {
+        self.teed_blobs
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// A tag request, by who named its digest.

@@ -49,6 +49,7 @@ use axum::routing::get;
 
 pub use self::metrics::{Handler, Outcome, RegistryMetrics, Source};
 use crate::readiness::Readiness;
+use crate::routing::{ServingLoad, ServingSlot};
 use crate::store::Store;
 pub use crate::wire::HOP_HEADER;
 pub use config::MirrorConfig;
@@ -80,6 +81,10 @@ pub struct RegistryState {
     pub metrics: RegistryMetrics,
     pub readiness: Readiness,
     pub handler: Handler,
+    /// Peer endpoint: the cap on blob streams served to other daemons at once
+    /// (`registry.peer_serving_limit`); each stream holds a slot for its body's life. The
+    /// default has no cap; the mirror endpoint never takes a slot.
+    pub serving: ServingLoad,
 }
 
 /// What the HTTP handlers share: the listener's state and its guard.
@@ -157,10 +162,13 @@ async fn pull(
                 .await
             {
                 Err(response) => (response, kind, Some(Outcome::Miss)),
-                Ok(()) => {
-                    let (response, outcome) = state.answer(&guard, req, started).await;
-                    (response, kind, Some(outcome))
-                }
+                Ok(()) => match state.serving_slot(&req) {
+                    Err(busy) => (busy.into_response(), kind, Some(Outcome::Miss)),
+                    Ok(slot) => {
+                        let (response, outcome) = state.answer(&guard, req, started).await;
+                        (hold(response, slot), kind, Some(outcome))
+                    }
+                },
             }
         }
     };
@@ -177,4 +185,42 @@ async fn pull(
         state.metrics.mirror_outcome(kind, outcome);
     }
     response
+}
+
+impl RegistryState {
+    /// Peer endpoint, a blob `GET`: a slot under `registry.peer_serving_limit`, or the 429 to
+    /// answer. Manifests, `HEAD`s and the mirror endpoint take none (`Ok(None)`): they are
+    /// small, and the cap is about the uplink.
+    fn serving_slot(&self, req: &PullRequest) -> Result<Option<ServingSlot>, RegistryError> {
+        if self.handler != Handler::Peer || req.head || req.path.kind != crate::oci::Kind::Blob {
+            return Ok(None);
+        }
+        match self.serving.try_enter() {
+            Some(slot) => Ok(Some(slot)),
+            None => {
+                let serving = self.serving.now().serving;
+                tracing::debug!(
+                    client.addr = %req.client,
+                    serving,
+                    http.status = 429,
+                    "peer endpoint at its serving limit"
+                );
+                Err(RegistryError::Busy { serving })
+            }
+        }
+    }
+}
+
+/// `response` with `slot` kept inside its body, so the slot is given back when the body ends
+/// or is dropped (also after a `sendfile` of the body's file, which drops the body last).
+fn hold(response: Response, slot: Option<ServingSlot>) -> Response {
+    let Some(slot) = slot else {
+        return response;
+    };
+    let (parts, body) = response.into_parts();
+    let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let _held = &slot;
+        chunk.map_err(std::io::Error::other)
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(stream))
 }

@@ -2,14 +2,18 @@
 //! talk to another daemon's peer endpoint, and nothing that knows a store, a policy or a
 //! router. The hop header and the digest header, body streams ([`ByteStream`],
 //! [`io_stream`]), [`resume`] (a stream that continues elsewhere when it breaks) and
-//! [`peer_client`] (the one daemon→daemon HTTP client).
+//! [`peer_client`] (the one daemon→daemon HTTP client), [`chunks`] (one blob as parallel
+//! `Range` chunks from several holders, in order) and [`verify`] (a whole blob checked
+//! against its digest before its last byte goes out).
 //!
 //! Everything here sits below the seams (`store`, `routing`, `policy`) and the services that
 //! combine them (`cache`, `registry`): it imports only `oci` and external crates (the layer
 //! rule in `tests/loopback/layers.rs`).
 
+pub mod chunks;
 pub mod peer_client;
 pub mod resume;
+pub mod verify;
 
 use bytes::Bytes;
 use futures::StreamExt;

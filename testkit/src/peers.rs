@@ -46,6 +46,7 @@ pub async fn good_peer(store: Arc<MemoryStore>) -> SocketAddr {
         metrics: Default::default(),
         readiness: Readiness::new(),
         handler: Handler::Peer,
+        serving: Default::default(),
     }))
     .await
 }

@@ -143,6 +143,7 @@ async fn server(f: &Fixture, options: ServeOptions) -> Server {
             metrics: metrics.registry.clone(),
             readiness: Readiness::new(),
             handler: Handler::Peer,
+            serving: Default::default(),
         },
         Guard {
             gate: Gate::allow_all(),

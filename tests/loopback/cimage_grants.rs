@@ -88,6 +88,7 @@ async fn private_image_is_answered_only_with_a_grant_and_every_blob_on_a_peer() 
             metrics: Default::default(),
             readiness: Readiness::new(),
             handler: Handler::Peer,
+            serving: Default::default(),
         },
         Guard {
             gate: private_gate(),
@@ -130,6 +131,7 @@ async fn private_image_is_answered_only_with_a_grant_and_every_blob_on_a_peer() 
             metrics,
             readiness: Readiness::new(),
             handler: Handler::Mirror,
+            serving: Default::default(),
         },
         Guard {
             gate: private_gate(),

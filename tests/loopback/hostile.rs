@@ -242,6 +242,7 @@ async fn start(options: ServeOptions) -> Rig {
         metrics,
         readiness: Readiness::new(),
         handler: Handler::Mirror,
+        serving: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

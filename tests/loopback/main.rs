@@ -23,5 +23,6 @@ mod registries_conf;
 mod registry;
 mod routing_kademlia;
 mod routing_psk;
+mod swarm;
 mod tags;
 mod tenancy_registry;

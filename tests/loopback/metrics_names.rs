@@ -35,6 +35,9 @@ const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("served_sendfile_bytes", "counter", &[]),
     ("mirror_peer_failures", "counter", &["reason"]),
     ("mirror_resumes", "counter", &[]),
+    ("mirror_chunked_blobs", "counter", &[]),
+    ("mirror_chunk_refetches", "counter", &[]),
+    ("mirror_teed_blobs", "counter", &["result"]),
     ("mirror_tag_resolutions", "counter", &["source"]),
     ("mirror_tag_upstream_duration_seconds", "histogram", &[]),
     // routing (src/routing)
@@ -77,6 +80,7 @@ fn exercise(m: &Metrics) {
         Duration::from_millis(1),
     );
     m.registry.mirror_outcome("blob", Outcome::Miss);
+    m.registry.teed("complete");
     m.registry.bytes(Handler::Peer, Source::PeerInflight).inc();
     m.registry.peer_failed("connect");
     m.registry.tag_resolved("upstream");

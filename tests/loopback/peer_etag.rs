@@ -34,6 +34,7 @@ fn state(store: Arc<MemoryStore>, mirror: Option<Mirror>, handler: Handler) -> R
         metrics: Default::default(),
         readiness: Readiness::new(),
         handler,
+        serving: Default::default(),
     }
 }
 

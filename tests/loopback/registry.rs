@@ -47,6 +47,7 @@ async fn mirror_node_on(router: MemoryRouter, config: MirrorConfig) -> Node {
         metrics: metrics.registry.clone(),
         readiness: Readiness::new(),
         handler: Handler::Mirror,
+        serving: Default::default(),
     }))
     .await;
     Node {
@@ -635,6 +636,7 @@ mod guarded {
                 metrics,
                 readiness: Readiness::new(),
                 handler,
+                serving: Default::default(),
             },
             guard,
         ))

@@ -223,6 +223,7 @@ async fn setup(up: Up, new_at: NewAt, mode: TagResolution, policy: Option<TagRes
                 metrics: Default::default(),
                 readiness: Readiness::new(),
                 handler: Handler::Peer,
+                serving: Default::default(),
             }))
             .await;
             peers.insert(
@@ -278,6 +279,7 @@ async fn setup(up: Up, new_at: NewAt, mode: TagResolution, policy: Option<TagRes
             metrics: metrics.registry.clone(),
             readiness: Readiness::new(),
             handler: Handler::Mirror,
+            serving: Default::default(),
         },
         guard,
     ))

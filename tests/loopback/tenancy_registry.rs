@@ -108,6 +108,7 @@ impl World {
                 metrics: Default::default(),
                 readiness: Readiness::new(),
                 handler: Handler::Peer,
+                serving: Default::default(),
             },
             Guard {
                 gate: private_gate(),
@@ -160,6 +161,7 @@ impl World {
                 metrics,
                 readiness: Readiness::new(),
                 handler: Handler::Mirror,
+                serving: Default::default(),
             },
             Guard {
                 gate: private_gate(),

@@ -19,4 +19,5 @@ mod faults;
 mod parallel_fetch;
 mod prometheus;
 mod status_page;
+mod swarm;
 mod tenancy;

@@ -121,6 +121,7 @@ async fn node(net: &MemoryNetwork, name: &str, upstream: &str, upstream_fetch: b
         metrics: metrics.registry.clone(),
         readiness: Readiness::new(),
         handler,
+        serving: Default::default(),
     };
     serve(
         peer_listener,

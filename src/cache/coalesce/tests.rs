@@ -115,6 +115,7 @@ async fn node(i: usize, network: &MemoryNetwork, upstream: SocketAddr) -> Node {
         metrics: Default::default(),
         readiness: Readiness::new(),
         handler: Handler::Peer,
+        serving: Default::default(),
     });
     tokio::spawn(serve(listener, app));
     Node {

@@ -60,6 +60,7 @@ async fn registry_down_resolves_through_a_speculum_daemon() {
         metrics: Default::default(),
         readiness: Readiness::new(),
         handler: Handler::Mirror,
+        serving: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
