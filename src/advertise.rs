@@ -71,10 +71,10 @@ impl SyncConfig {
 }
 
 /// Decides whether an image may be advertised (the policy hook; everything by default).
-pub type ImageFilter = Arc<dyn Fn(&Image) -> bool + Send + Sync>;
+pub(crate) type ImageFilter = Arc<dyn Fn(&Image) -> bool + Send + Sync>;
 
 /// The richer policy hook: decides per image what of it is advertised.
-pub type AdvertFilter = Arc<dyn Fn(&Image) -> Advert + Send + Sync>;
+pub(crate) type AdvertFilter = Arc<dyn Fn(&Image) -> Advert + Send + Sync>;
 
 /// The advertisement loop. Build it, then `run` it until shutdown.
 pub struct Advertiser {
@@ -94,7 +94,7 @@ const READINESS_PART: crate::readiness::Part = crate::readiness::Part::Store;
 
 /// How long a blob advertised from its content event stays advertised without an image
 /// naming it: longer than any pull takes to end (a pull of many large layers on a slow link).
-pub const EARLY_GRACE: Duration = Duration::from_secs(15 * 60);
+pub(crate) const EARLY_GRACE: Duration = Duration::from_secs(15 * 60);
 
 impl Advertiser {
     pub fn new(

@@ -33,7 +33,7 @@ use std::time::Duration;
 pub const MARKER: &str = "# managed-by: speculum";
 
 /// The directory name containerd falls back to for registries without their own directory.
-pub const DEFAULT_DIR: &str = "_default";
+pub(crate) const DEFAULT_DIR: &str = "_default";
 
 const HOSTS_FILE: &str = "hosts.toml";
 /// Prefix of our temporary files; anything with it in a registry directory is a crash leftover.

@@ -22,7 +22,7 @@ pub use jsonl::JsonlSink;
 pub use memory::MemorySink;
 
 /// The tracing target audit lines are logged on.
-pub const TARGET: &str = "speculum::audit";
+pub(crate) const TARGET: &str = "speculum::audit";
 
 /// One audit line.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -89,7 +89,7 @@ pub trait AuditSink: Send + Sync {
 
 /// A sink that keeps nothing (for tools and tests that do not look at the audit trail).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct NullSink;
+pub(crate) struct NullSink;
 
 impl AuditSink for NullSink {
     fn record(&self, _record: AuditRecord) {}

@@ -88,7 +88,7 @@ impl AuditSink for RecentRequests {
 }
 
 /// Hands every record to two sinks: the audit trail first, then a second reader.
-pub struct Tee {
+pub(crate) struct Tee {
     pub first: Arc<dyn AuditSink>,
     pub second: Arc<dyn AuditSink>,
 }

@@ -25,7 +25,7 @@ use super::{Cache, CacheError, State};
 use crate::oci::{Digest, Reference, media};
 
 /// Tags kept at most; beyond it the least recently written go.
-pub const MAX_TAGS: usize = 4096;
+pub(crate) const MAX_TAGS: usize = 4096;
 /// Media-type files kept at most (one per manifest ever cached, evicted ones included).
 const MAX_MEDIA: usize = 4 * MAX_TAGS;
 

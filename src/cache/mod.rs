@@ -154,7 +154,7 @@ pub enum CacheError {
 
 /// How far the writer of an in-flight blob is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Progress {
+pub(crate) enum Progress {
     /// Reserved; the size is not known yet (upstream headers pending).
     Pending,
     /// `written` of `size` bytes are in the file.

@@ -328,7 +328,7 @@ pub struct Challenge {
 }
 
 /// Parses `Bearer realm="…",service="…",scope="…"` (quoted values may contain commas).
-pub fn parse_bearer(value: &str) -> Option<Challenge> {
+pub(crate) fn parse_bearer(value: &str) -> Option<Challenge> {
     let rest = value.trim();
     let (scheme, params) = rest.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {

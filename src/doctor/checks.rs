@@ -177,7 +177,7 @@ fn keys_for(facts: &NodeFacts, file: Option<&FileSettings>) -> CriKeys {
 }
 
 /// `containerd.config_path`: does containerd read the `hosts.toml` files we write? Pure.
-pub fn judge_config_path(
+pub(crate) fn judge_config_path(
     facts: &NodeFacts,
     source: &Source,
     file: Option<&FileSettings>,
@@ -232,7 +232,11 @@ pub fn judge_config_path(
 }
 
 /// `containerd.discard_layers`: does containerd keep the layers this node should serve? Pure.
-pub fn judge_discard(facts: &NodeFacts, source: &Source, file: Option<&FileSettings>) -> Finding {
+pub(crate) fn judge_discard(
+    facts: &NodeFacts,
+    source: &Source,
+    file: Option<&FileSettings>,
+) -> Finding {
     const ID: &str = "containerd.discard_layers";
     let keys = keys_for(facts, file);
     let version = file.map_or(facts.config_version(), |f| f.version.max(2));
@@ -554,7 +558,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// `daemon.ready` from `/readyz`'s status and body (`part: ok` or `part: reason` lines). Pure.
-pub fn judge_readyz(status: u16, body: &str) -> Finding {
+pub(crate) fn judge_readyz(status: u16, body: &str) -> Finding {
     const ID: &str = "daemon.ready";
     let not_ok: Vec<&str> = body
         .lines()
@@ -593,7 +597,7 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// `dht.peers` from the daemon's gauges. Pure.
-pub fn judge_peers(
+pub(crate) fn judge_peers(
     peers: Option<f64>,
     handshake_failures: Option<f64>,
     routing: &KademliaConfig,
@@ -676,7 +680,7 @@ pub fn private_network(routing: &KademliaConfig) -> Finding {
 
 /// The first peer endpoint, among bootstrap addresses, that is not this host. Pure apart from
 /// `is_local`, which the caller supplies.
-pub fn peer_addr_of(
+pub(crate) fn peer_addr_of(
     bootstrap: &[String],
     registry_port: u16,
     is_local: impl Fn(IpAddr) -> bool,
@@ -804,7 +808,7 @@ pub async fn peer_auth(config: &Config, flags: &Flags) -> Finding {
 }
 
 /// `peer.auth` from the statuses of the probe with and without this node's token. Pure.
-pub fn judge_peer_auth(
+pub(crate) fn judge_peer_auth(
     peer: &str,
     with_token: Result<u16, String>,
     without_token: Result<u16, String>,
@@ -920,7 +924,7 @@ pub fn policy_bundle(cfg: &PolicyConfig) -> Finding {
 }
 
 /// `grants.keys`: the grant verification keys are there and parse.
-pub fn grant_keys(cfg: &GrantsConfig) -> Finding {
+pub(crate) fn grant_keys(cfg: &GrantsConfig) -> Finding {
     const ID: &str = "grants.keys";
     let Some(dir) = &cfg.keys_dir else {
         return Finding::skip(
@@ -962,7 +966,7 @@ pub fn grant_keys(cfg: &GrantsConfig) -> Finding {
 /// `clock.skew` from the API server's `Date` and the local clock around the request. Pure.
 /// Tokens and grants are checked against the clock: past 30 s, peer tokens and grants signed
 /// elsewhere start to look expired or not yet valid here.
-pub fn judge_skew(server: SystemTime, sent: SystemTime, received: SystemTime) -> Finding {
+pub(crate) fn judge_skew(server: SystemTime, sent: SystemTime, received: SystemTime) -> Finding {
     const ID: &str = "clock.skew";
     let half = received.duration_since(sent).unwrap_or_default() / 2;
     let local = sent + half;
@@ -999,7 +1003,7 @@ pub fn judge_skew(server: SystemTime, sent: SystemTime, received: SystemTime) ->
 
 /// `clock.skew`: the `Date` of a request to the API server: in a pod through the in-cluster
 /// config, elsewhere through `$KUBECONFIG` when it is set.
-pub async fn clock_skew(flags: &Flags) -> Finding {
+pub(crate) async fn clock_skew(flags: &Flags) -> Finding {
     const ID: &str = "clock.skew";
     let config = if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         match kube::Config::incluster() {

@@ -16,7 +16,7 @@ use crate::store::introspect::CriKeys;
 
 /// What 2.x uses when `config_path` is not set (verified on 2.4, `docs/containerd.md`); 1.x
 /// reads no hosts directory at all then.
-pub const DEFAULT_CONFIG_PATH_2X: &str = "/etc/containerd/certs.d:/etc/docker/certs.d";
+pub(crate) const DEFAULT_CONFIG_PATH_2X: &str = "/etc/containerd/certs.d:/etc/docker/certs.d";
 
 /// The settings as the file writes them; `None` where the file does not set them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -25,7 +25,7 @@ use super::{
 };
 
 /// containers/image's drop-in directory (`/etc/containers/registries.conf.d`).
-pub const DEFAULT_CONF_DIR: &str = "/etc/containers/registries.conf.d";
+pub(crate) const DEFAULT_CONF_DIR: &str = "/etc/containers/registries.conf.d";
 
 /// Our drop-in's name. Drop-ins are read in lexical order and a later `[[registry]]` for the
 /// same prefix replaces an earlier one, so `99-` puts ours last.
@@ -80,7 +80,7 @@ pub fn validate(cfg: &HostsConfig) -> Vec<String> {
 /// result would not be a path component of the reference grammar (distribution's
 /// `reference/regexp.go`: alphanumerics joined by `.`, `_`, `__` or runs of `-`), e.g. for an
 /// IPv6 literal.
-pub fn path_segment(registry: &str) -> Option<String> {
+pub(crate) fn path_segment(registry: &str) -> Option<String> {
     let segment = registry.to_ascii_lowercase().replacen(':', "_", 1);
     is_path_component(&segment).then_some(segment)
 }
@@ -112,7 +112,7 @@ fn is_path_component(s: &str) -> bool {
 }
 
 /// `<registries_conf_dir>/99-speculum.conf`.
-pub fn drop_in_path(cfg: &HostsConfig) -> PathBuf {
+pub(crate) fn drop_in_path(cfg: &HostsConfig) -> PathBuf {
     cfg.registries_conf_dir.join(DROP_IN)
 }
 

@@ -5,7 +5,7 @@ use http::StatusCode;
 
 /// An error code from the distribution spec, with the status it is sent with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     BlobUnknown,
     DigestInvalid,
     ManifestUnknown,

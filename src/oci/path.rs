@@ -9,7 +9,7 @@
 use super::digest::{Digest, DigestError};
 
 /// The longest repository name accepted (the spec suggests clients keep host + name ≤ 255).
-pub const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 
 /// What kind of object a request addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -104,7 +104,7 @@ pub fn parse_v2_path(path: &str) -> Result<V2Path, PathError> {
 /// containers/image refuses a mirror location with a `:` after the host (a path component
 /// may not hold one: "rewriting reference: invalid reference format"), and a host name cannot
 /// hold a `_`, so the spelling is unambiguous. `<host>:<port>` is accepted too.
-pub fn path_registry(segment: &str) -> Option<String> {
+pub(crate) fn path_registry(segment: &str) -> Option<String> {
     if let Some((host, port)) = segment.rsplit_once('_')
         && !host.contains(['_', ':'])
         && !port.is_empty()
@@ -131,7 +131,7 @@ pub fn path_registry(segment: &str) -> Option<String> {
 ///   first segment with a `:` (never valid in a repository name): dropped when it names `ns`,
 ///   [`PathError::NsConflict`] when it names another registry. (So a peer path, always
 ///   `?ns=` plus the repository, parses back to the same request.)
-pub fn split_registry<'a>(
+pub(crate) fn split_registry<'a>(
     path: &'a str,
     ns: Option<&str>,
 ) -> Result<(std::borrow::Cow<'a, str>, Option<String>, bool), PathError> {

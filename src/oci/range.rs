@@ -88,7 +88,7 @@ pub fn parse_range(header: &str, size: u64) -> Result<ByteRange, RangeError> {
 /// `(START, END, TOTAL)`; TOTAL is `None` for `*`. `None` for anything else (an unsatisfied
 /// `bytes */TOTAL`, an inverted range, another unit). The one parser of peer responses: the
 /// mirror and the coalescer both check a resumed stream with it.
-pub fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = v.strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (s, e) = range.split_once('-')?;

@@ -31,7 +31,7 @@ pub use memory::StaticPolicy;
 pub use rego::RegoPolicy;
 
 /// The tag containerd sends when a reference names none (`docker pull x` means `x:latest`).
-pub const LATEST: &str = "latest";
+pub(crate) const LATEST: &str = "latest";
 
 /// What is being decided. Serialised as the policy's `input` (see `docs/policy.md`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

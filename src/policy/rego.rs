@@ -21,7 +21,7 @@ use regorus::{Engine, Value};
 use super::{Decision, Input, Policy, PolicyError};
 
 /// The rule every bundle must define (see `docs/policy.md`).
-pub const ENTRYPOINT: &str = "data.speculum.mirror.decision";
+pub(crate) const ENTRYPOINT: &str = "data.speculum.mirror.decision";
 
 /// The files of one bundle, read from disk.
 #[derive(Debug, Clone, Default)]

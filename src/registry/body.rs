@@ -27,7 +27,7 @@ use crate::wire::DOCKER_CONTENT_DIGEST;
 /// A body stream that counts bytes into a metric and writes the access line when it ends or
 /// is dropped (a client that disconnects mid-blob still gets its line, with `complete=false`
 /// visible as a short byte count and status).
-pub struct Counted {
+pub(crate) struct Counted {
     inner: BoxStream<'static, std::io::Result<Bytes>>,
     sent: u64,
     counter: Counter,
@@ -137,7 +137,7 @@ impl Drop for Counted {
 /// store, its cache, or a peer: `Content-Type`, `Docker-Content-Digest`, `Accept-Ranges`,
 /// `ETag` (the digest, quoted: content-addressed bytes never change), `Content-Range` for a
 /// 206, status and `Content-Length`.
-pub fn content_head(
+pub(crate) fn content_head(
     status: StatusCode,
     media_type: &str,
     digest: &str,

@@ -49,7 +49,7 @@ use crate::wire::DOCKER_CONTENT_DIGEST;
 
 /// Most blobs one image manifest may name for us to check it (beyond: 404, the client goes
 /// upstream).
-pub const MAX_BLOBS: usize = 512;
+pub(crate) const MAX_BLOBS: usize = 512;
 /// Most platform manifests of one index checked.
 const MAX_PLATFORMS: usize = 16;
 

@@ -13,7 +13,7 @@ use crate::server::ServeOptions;
 use crate::server::options::{DEFAULT_IDLE, DEFAULT_WRITE_STALL};
 
 /// The largest `registry.peer_serving_limit` accepted (each stream is a task and a socket).
-pub const MAX_PEER_SERVING_LIMIT: u32 = 4096;
+pub(crate) const MAX_PEER_SERVING_LIMIT: u32 = 4096;
 
 /// The two registry listeners and the shutdown drain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

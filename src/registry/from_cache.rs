@@ -15,7 +15,7 @@ use crate::cache::coalesce::{Body as CachedBody, Origin};
 use crate::oci::{Digest, Kind, media};
 
 /// A blob from this node's cache. `Ok(None)` when the cache is off or lacks it.
-pub async fn from_cache(
+pub(crate) async fn from_cache(
     state: &RegistryState,
     req: &PullRequest,
     digest: &Digest,

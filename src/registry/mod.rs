@@ -29,7 +29,7 @@ pub mod body;
 mod complete;
 pub mod config;
 pub mod error;
-pub mod from_cache;
+pub(crate) mod from_cache;
 pub mod guard;
 pub mod local;
 pub mod metrics;
@@ -128,7 +128,7 @@ async fn readyz(State(served): State<Served>) -> Response {
 }
 
 /// `/readyz` body and status for a readiness latch.
-pub fn readiness_response(readiness: &Readiness) -> Response {
+pub(crate) fn readiness_response(readiness: &Readiness) -> Response {
     let status = if readiness.is_ready() {
         StatusCode::OK
     } else {

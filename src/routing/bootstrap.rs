@@ -112,7 +112,7 @@ impl Target {
 
 /// One entry of `bootstrap.peers`, parsed but not yet resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StaticPeer {
+pub(crate) struct StaticPeer {
     host: Host,
     port: u16,
     peer: Option<PeerId>,
@@ -177,7 +177,7 @@ impl StaticPeer {
 }
 
 /// Checks the `host:port` shape of `bootstrap.dns` without resolving it.
-pub fn parse_dns(dns: &str) -> Result<(), BootstrapError> {
+pub(crate) fn parse_dns(dns: &str) -> Result<(), BootstrapError> {
     let bad = || BootstrapError::InvalidDns(dns.to_owned());
     let (host, port) = dns.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
@@ -219,7 +219,7 @@ pub async fn resolve(config: &BootstrapConfig) -> (Vec<Target>, Vec<BootstrapErr
 
 /// When to bootstrap next: exponential backoff while alone, a steady interval once connected.
 #[derive(Debug, Clone)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     initial: Duration,
     max: Duration,
     interval: Duration,

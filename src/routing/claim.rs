@@ -28,7 +28,7 @@ pub enum Claim {
 /// Longest TTL a coordinator grants, whatever a claimant asks for.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 /// Most claims a coordinator keeps; the oldest expire first beyond it.
-pub const MAX_CLAIMS: usize = 100_000;
+pub(crate) const MAX_CLAIMS: usize = 100_000;
 
 /// The id in `ids` XOR-closest to `key` (sha256 of each); ties cannot happen for distinct ids.
 pub fn coordinator<'a>(key: &str, ids: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {

@@ -46,13 +46,13 @@ use super::options::{MAX_HEADER_BYTES, MAX_HEADERS, Refusal, ServeOptions, check
 
 /// Most bytes of a request line (method, target, version). containerd's longest are a few
 /// hundred bytes; a longer head is refused with 431 before it is parsed further.
-pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_LINE: usize = 64 * 1024;
 /// Most bytes of a whole request head this writer buffers: the request line plus our header
 /// limit. Anything larger is answered 431 without reading the rest.
-pub const MAX_HEAD_BYTES: usize = MAX_REQUEST_LINE + MAX_HEADER_BYTES;
+pub(crate) const MAX_HEAD_BYTES: usize = MAX_REQUEST_LINE + MAX_HEADER_BYTES;
 /// Upper bound of one `sendfile` call: the socket buffer usually limits a call to less; the
 /// cap bounds how long one call can wait for the disk on uncached pages.
-pub const SENDFILE_CHUNK: usize = 1024 * 1024;
+pub(crate) const SENDFILE_CHUNK: usize = 1024 * 1024;
 /// Bytes read from the socket at a time while waiting for a head.
 const READ_CHUNK: usize = 8 * 1024;
 /// Small bodies (errors, manifests) up to this size go out in one write with the head.

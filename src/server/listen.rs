@@ -148,7 +148,7 @@ async fn hyper_connection(
 
 /// A socket with bytes already read from it put back in front: what hyper reads first after
 /// a hand-off from [`super::http1`]. Writes go straight to the socket.
-pub struct Rewind {
+pub(crate) struct Rewind {
     read: Bytes,
     inner: TcpStream,
 }

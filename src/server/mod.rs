@@ -12,7 +12,7 @@
 //! Tests serve their apps through this same transport (`speculum::server::serve`), so every
 //! suite runs the production writer.
 
-pub mod file_body;
+pub(crate) mod file_body;
 pub mod http1;
 pub mod listen;
 pub mod options;

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 
 /// Most header fields a request may carry. containerd sends fewer than 10.
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Most bytes of header names and values (plus `: ` and CRLF each) a request may carry.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// hyper refuses (bare 431) above this many fields; between [`MAX_HEADERS`] and this we
@@ -23,13 +23,13 @@ pub const HYPER_MAX_BUF: usize = 1024 * 1024;
 /// The default of `registry.write_stall_timeout`: far beyond any pause of a client that is
 /// still reading (containerd reads layers as fast as it can write them), short enough that
 /// a vanished client is noticed well before file descriptors run out.
-pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
 
 /// The default of `registry.idle_timeout`: above the idle-connection timeouts of the clients
 /// (90 s in containerd's Go `http.Transport`; 30 s in the daemons' own peer client, see
 /// `src/wire/peer_client.rs`), so a client normally closes its idle connection first and never
 /// sends a request into one we close.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(120);
+pub(crate) const DEFAULT_IDLE: Duration = Duration::from_secs(120);
 
 /// A request the transport refuses before any handler runs; the connection then closes
 /// (except for [`Refusal::HeadersTooLarge`] found by [`check_headers`] on a parsed head).
@@ -93,7 +93,7 @@ impl Default for ServeOptions {
 }
 
 /// Our header limits, checked before any handler runs.
-pub fn check_headers(headers: &http::HeaderMap) -> Result<(), Refusal> {
+pub(crate) fn check_headers(headers: &http::HeaderMap) -> Result<(), Refusal> {
     let count = headers.len();
     let bytes: usize = headers
         .iter()

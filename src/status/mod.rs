@@ -61,7 +61,7 @@ impl StatusConfig {
 }
 
 /// A text the page shows, asked for at every poll (the active policy's description).
-pub type Describe = Arc<dyn Fn() -> String + Send + Sync>;
+pub(crate) type Describe = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// What the page reads from. Built by the composition root (`src/app.rs`).
 #[derive(Clone)]

@@ -6,9 +6,9 @@
 //! the characters it is.
 
 /// The page's script (`/status/status.js`).
-pub const SCRIPT: &str = include_str!("assets/status.js");
+pub(crate) const SCRIPT: &str = include_str!("assets/status.js");
 /// The page's stylesheet (`/status/status.css`).
-pub const STYLE: &str = include_str!("assets/status.css");
+pub(crate) const STYLE: &str = include_str!("assets/status.css");
 const INDEX: &str = include_str!("assets/index.html");
 
 /// The HTML shell for node `node`.
@@ -17,7 +17,7 @@ pub fn index(node: &str) -> String {
 }
 
 /// Escapes text for an HTML element body or a quoted attribute value.
-pub fn escape_html(text: &str) -> String {
+pub(crate) fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

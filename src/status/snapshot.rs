@@ -181,7 +181,7 @@ impl Snapshot {
 
 /// A Prometheus text exposition, read by metric name (names are the stable contract; the
 /// `Metrics` struct's fields are not).
-pub struct Gauges(pub String);
+pub(crate) struct Gauges(pub String);
 
 impl Gauges {
     /// The sum of every sample of `name` carrying all of `labels` (0 when none), rounded down

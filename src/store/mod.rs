@@ -58,11 +58,11 @@ impl ContentFile {
 
 /// Read buffer when content files are streamed: big enough that a 1 GB layer is a few
 /// thousand reads, small enough that hundreds of concurrent streams stay in the tens of MiB.
-pub const FILE_CHUNK_BYTES: usize = 256 * 1024;
+pub(crate) const FILE_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Passes exactly `len` bytes through: extra bytes are cut, and a stream that ends early ends
 /// with an `UnexpectedEof` error so that a short body is never mistaken for a whole one.
-pub fn exact_length(stream: ContentStream, len: u64) -> ContentStream {
+pub(crate) fn exact_length(stream: ContentStream, len: u64) -> ContentStream {
     futures::stream::unfold(
         (stream, len, false),
         |(mut stream, remaining, done)| async move {
@@ -236,7 +236,7 @@ pub trait Store: Send + Sync + 'static {
 /// OCI, distributable or not — but the descriptor that references it does, whatever type a
 /// registry invents next. Bounded (oldest first out); a std Mutex, never held across `.await`.
 #[derive(Debug, Default)]
-pub struct Declared {
+pub(crate) struct Declared {
     inner: std::sync::Mutex<DeclaredInner>,
 }
 

@@ -37,10 +37,10 @@ use pods::{FilePods, KubePods, Pods};
 
 /// Header carrying a grant from the requesting daemon to the serving one:
 /// `<namespace>/<pod> <token>`, repeated for several candidate grants.
-pub const GRANT_HEADER: &str = "x-speculum-grant";
+pub(crate) const GRANT_HEADER: &str = "x-speculum-grant";
 
 /// At most this many grants travel with one peer request.
-pub const MAX_GRANTS_PER_REQUEST: usize = 8;
+pub(crate) const MAX_GRANTS_PER_REQUEST: usize = 8;
 
 /// The `tenancy:` config section.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use super::TenancyError;
 
 /// Issuer and subject of shared-key tokens.
-pub const SHARED_KEY_ISSUER: &str = "speculum-daemon";
+pub(crate) const SHARED_KEY_ISSUER: &str = "speculum-daemon";
 /// Shared keys shorter than this are refused.
-pub const MIN_SHARED_KEY_BYTES: usize = 32;
+pub(crate) const MIN_SHARED_KEY_BYTES: usize = 32;
 /// Clock skew allowed on `exp`/`nbf`.
 const LEEWAY_SECS: u64 = 30;
 /// Refetches of the JWKS on an unknown `kid` are at least this far apart.
@@ -305,7 +305,7 @@ struct FileVersion {
 /// The projected ServiceAccount token the kubelet writes (and rotates) in a file; re-read when
 /// the file changes, checked at most once a second.
 #[derive(Debug)]
-pub struct TokenFile {
+pub(crate) struct TokenFile {
     path: PathBuf,
     state: Mutex<TokenFileState>,
 }

@@ -78,7 +78,7 @@ pub trait Pods: Send + Sync + 'static {
 /// `registry` and `repository` of an image as written in a pod spec, with Docker's defaults
 /// (`docker.io`, `library/`, `latest`) applied, checked by [`Reference::parse`]. `None` for
 /// anything that is not an image reference.
-pub fn image_repository(image: &str) -> Option<(String, String)> {
+pub(crate) fn image_repository(image: &str) -> Option<(String, String)> {
     let image = image.trim();
     if image.is_empty() || image.contains(char::is_whitespace) {
         return None;
@@ -137,7 +137,7 @@ fn normalize_registry(registry: &str) -> &str {
 
 /// The grants of a pod's annotations: the [`GRANTS_ANNOTATION`] value parsed as a JSON array
 /// of strings. Anything else (absent, not JSON, not an array of strings) means no grants.
-pub fn grants_from_annotations(
+pub(crate) fn grants_from_annotations(
     namespace: &str,
     name: &str,
     annotations: Option<&BTreeMap<String, String>>,

@@ -11,8 +11,8 @@
 //! rule in `tests/loopback/layers.rs`).
 
 pub mod chunks;
-pub mod peer_client;
-pub mod resume;
+pub(crate) mod peer_client;
+pub(crate) mod resume;
 pub mod verify;
 
 use bytes::Bytes;
@@ -27,16 +27,19 @@ pub use resume::{ByteStream, Reopen, resumable};
 pub const HOP_HEADER: &str = "x-speculum-hop";
 
 /// The digest of a manifest or blob response (distribution spec, "Pulling manifests").
-pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+pub(crate) const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
 /// A reqwest body as a response body stream.
-pub fn io_stream(
+pub(crate) fn io_stream(
     s: impl futures::Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
 ) -> ByteStream {
     s.map(|r| r.map_err(std::io::Error::other)).boxed()
 }
 
 /// A header's value as text, when it is there and is text (headers of a peer response).
-pub fn header_str(headers: &http::HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+pub(crate) fn header_str(
+    headers: &http::HeaderMap,
+    name: impl header::AsHeaderName,
+) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }

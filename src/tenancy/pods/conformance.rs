@@ -22,7 +22,7 @@ use super::{PodInfo, Pods};
 /// The node whose index is under test.
 pub const NODE: &str = "node-a";
 /// Another node.
-pub const OTHER_NODE: &str = "node-b";
+pub(crate) const OTHER_NODE: &str = "node-b";
 /// The namespaces the suite's pods live in.
 pub const NAMESPACES: [&str; 2] = ["tenancy-a", "tenancy-b"];
 
