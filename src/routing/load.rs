@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A holder's load when it confirmed it has a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct PeerLoad {
     /// Peer-serving streams in flight.
     pub serving: u32,
@@ -58,9 +60,7 @@ impl ServingLoad {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (limit == 0 || n < limit).then_some(n + 1)
             });
-        taken.ok().map(|_| ServingSlot {
-            load: self.clone(),
-        })
+        taken.ok().map(|_| ServingSlot { load: self.clone() })
     }
 
     /// The load right now, as reported to askers.
@@ -94,7 +94,13 @@ mod tests {
         let a = load.try_enter().expect("first");
         let _b = load.try_enter().expect("second");
         assert!(load.try_enter().is_none(), "third is over the cap");
-        assert_eq!(load.now(), PeerLoad { serving: 2, limit: 2 });
+        assert_eq!(
+            load.now(),
+            PeerLoad {
+                serving: 2,
+                limit: 2
+            }
+        );
         assert!(load.now().full());
         drop(a);
         assert_eq!(load.now().serving, 1);
@@ -104,7 +110,9 @@ mod tests {
     #[test]
     fn no_cap_never_refuses() {
         let load = ServingLoad::new(0);
-        let slots: Vec<_> = (0..100).map(|_| load.try_enter().expect("no cap")).collect();
+        let slots: Vec<_> = (0..100)
+            .map(|_| load.try_enter().expect("no cap"))
+            .collect();
         assert_eq!(load.now().serving, 100);
         assert!(!load.now().full());
         drop(slots);
