@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""HEAD latency of two registries, interleaved, on kept-alive connections (stdlib only).
+"""HEAD latency of registries, interleaved, on kept-alive connections (stdlib only).
 
 One job: time the request containerd sends first — `HEAD /v2/<repo>/manifests/<tag>` with the
-manifest Accept list — against a candidate and a reference server in the same run. Blocks of
-requests alternate between the two so machine noise (other builds on the same cores) hits both
-alike. The client's own cost (~tens of µs in Python) is in both numbers, so the ratio leans
-toward 1; the absolute p50/p99 are upper bounds.
+manifest Accept list — against candidates and a reference server (the last one) in the same
+run. Blocks of requests alternate between them so machine noise (other builds on the same
+cores) hits all alike. The client's own cost (~tens of µs in Python) is in every number, so
+ratios lean toward 1; the absolute p50/p99 are upper bounds.
 
-Usage: latency.py COUNT NAME=URL NAME=URL   (URLs on loopback only; prints one JSON object)
+Usage: latency.py COUNT NAME=URL NAME=URL [NAME=URL...]   (prints one JSON object)
+URLs on loopback only, or, run inside a rig namespace (`ip netns exec`), on the rig's subnet
+when LATENCY_SUBNET names its prefix (e.g. 10.250.94.). With two targets the output keeps its
+old shape (`ratio_p50`/`ratio_p99`: first / second); with more, `ratio_p50_<name>` and
+`ratio_p99_<name>` for every target against the last.
 """
 
 import http.client
 import json
+import os
 import sys
 import time
 import urllib.parse
@@ -29,8 +34,10 @@ WARMUP = 50
 class Target:
     def __init__(self, name, url):
         u = urllib.parse.urlsplit(url)
-        if u.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise SystemExit(f"latency.py: {url}: loopback only")
+        subnet = os.environ.get("LATENCY_SUBNET", "")
+        loopback = u.hostname in ("127.0.0.1", "localhost", "::1")
+        if not loopback and not (subnet and u.hostname.startswith(subnet)):
+            raise SystemExit(f"latency.py: {url}: loopback (or LATENCY_SUBNET) only")
         self.name = name
         self.host, self.port = u.hostname, u.port or 80
         self.path = u.path + ("?" + u.query if u.query else "")
@@ -55,7 +62,7 @@ def pct(v, p):
 
 
 def main(argv):
-    if len(argv) != 4:
+    if len(argv) < 4:
         print(__doc__, file=sys.stderr)
         return 2
     count = int(argv[1])
@@ -72,9 +79,16 @@ def main(argv):
         out[t.name] = {"n": len(t.samples),
                        "p50_us": pct(t.samples, 0.5) / 1000,
                        "p99_us": pct(t.samples, 0.99) / 1000}
-    a, b = targets
-    out["ratio_p50"] = round(out[a.name]["p50_us"] / out[b.name]["p50_us"], 3)
-    out["ratio_p99"] = round(out[a.name]["p99_us"] / out[b.name]["p99_us"], 3)
+    if len(targets) == 2:
+        a, b = targets
+        out["ratio_p50"] = round(out[a.name]["p50_us"] / out[b.name]["p50_us"], 3)
+        out["ratio_p99"] = round(out[a.name]["p99_us"] / out[b.name]["p99_us"], 3)
+    else:
+        ref = targets[-1]
+        for t in targets[:-1]:
+            for p in ("p50", "p99"):
+                out[f"ratio_{p}_{t.name}"] = round(
+                    out[t.name][f"{p}_us"] / out[ref.name][f"{p}_us"], 3)
     print(json.dumps(out))
     return 0
 
