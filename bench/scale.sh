@@ -14,8 +14,9 @@
 # `off` is speculum without the blob cache (peers serve what containerd holds); `on` is
 # speculum with `cache.enabled` (the coalescing cache today; swarm's tee rides on the same
 # keys once merged), every cache emptied before each scenario.
-# For each N it also records each node daemon's CPU-s and peak RSS (VmHWM) over the whole run
-# and the bytes it served, and the physical bound of a pull: image bytes / node link rate.
+# For the speculum scenarios it also records each node daemon's CPU-s, peak RSS (VmHWM) and
+# bytes served (to containerd and to peers) since its restart before the scenario, and for each
+# pull set the physical bound: image bytes / node link rate.
 #
 #   sudo bench/scale.sh                           N = 4 8 16, a 50 MB image in 4 layers
 #   sudo BENCH_SCALE_NODES="4 8 16 24" bench/scale.sh
@@ -70,8 +71,9 @@ scale_one() {
 		write_speculum_config "$n"
 		configure_node "$n" >/dev/null
 		cp "$(hosts_file "$n")" "$(node_dir "$n")/hosts.speculum.toml"
-		start_speculum "$n"
 	done
+	# Started the way restart_daemons does (robust to a just-forked PID), all knowing each other.
+	restart_daemons 0
 	log "N=$nodes: $name, $bytes bytes; $(nproc) cores; MemAvailable $(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo) MiB"
 	local repo out
 	repo=${ref#*/}
@@ -116,6 +118,7 @@ scale_one() {
 		# shellcheck disable=SC2046
 		out=$(pull_many "$ref" $(others))
 		scale_record update "$mode" "$out"
+		daemon_stats "$nodes" update "$mode"
 		wipe_all
 		restart_daemons "$cache" # empty caches: the create is cold everywhere
 		poll_until "$RIG_TIMEOUT" "records of $repo to be withdrawn" not_found_anywhere "$repo" "$digest" ||
@@ -124,9 +127,9 @@ scale_one() {
 		# shellcheck disable=SC2046
 		out=$(pull_many "$ref" $(all_nodes))
 		scale_record create "$mode" "$out"
+		daemon_stats "$nodes" create "$mode"
 		wipe_all
 	done
-	daemon_stats "$nodes"
 }
 
 # tag_nodes BYTES: adds `nodes`, `bytes` and the physical bound to the line `record` just wrote.
@@ -140,16 +143,17 @@ tag_nodes() {
 	mv "$tmp" "$RESULTS"
 }
 
-# daemon_stats N: CPU-s, peak RSS and bytes served of every node's daemon (whole run).
+# daemon_stats N SCENARIO MODE: CPU-s, peak RSS and bytes served (to containerd and to peers)
+# of every node's daemon since its last restart, i.e. over that one scenario.
 daemon_stats() {
 	local n pid served
 	for ((n = 1; n <= $1; n++)); do
 		pid=$(<"$(pid_file "n$n-speculum")")
 		served=$(metric_sum "$n" speculum_served_bytes_total)
-		awk -v hz="$(getconf CLK_TCK)" -v n="$n" -v N="$1" -v served="$served" \
+		awk -v hz="$(getconf CLK_TCK)" -v n="$n" -v N="$1" -v served="$served" -v s="$2" -v m="$3" \
 			-v hwm="$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")" \
-			'{ printf "{\"nodes\":%d,\"node\":%d,\"cpu_s\":%.2f,\"rss_hwm_kib\":%d,\"served_bytes\":%d}\n",
-			   N, n, ($14 + $15) / hz, hwm, served }' "/proc/$pid/stat" | tee -a "$SCALE_OUT/daemons.jsonl"
+			'{ printf "{\"nodes\":%d,\"node\":%d,\"scenario\":\"%s\",\"mode\":\"%s\",\"cpu_s\":%.2f,\"rss_hwm_kib\":%d,\"served_bytes\":%d}\n",
+			   N, n, s, m, ($14 + $15) / hz, hwm, served }' "/proc/$pid/stat" | tee -a "$SCALE_OUT/daemons.jsonl"
 	done
 }
 
@@ -173,10 +177,10 @@ summary() {
 	' "$SCALE_OUT/scale.jsonl"
 	if [[ -s $SCALE_OUT/daemons.jsonl ]]; then
 		echo
-		echo "| N | daemon CPU-s, mean / max | peak RSS MiB, mean / max | CPU-s per GB served (cluster) |"
-		echo "|---|---|---|---|"
-		jq -rs 'group_by(.nodes)[] | . as $g | ($g | length) as $k |
-			"| \($g[0].nodes) | \(([$g[].cpu_s] | add / $k * 10 | round / 10)) / \([$g[].cpu_s] | max) | \(([$g[].rss_hwm_kib] | add / $k / 1024 | round)) / \(([$g[].rss_hwm_kib] | max) / 1024 | round) | \(if ([$g[].served_bytes] | add) > 0 then ([$g[].cpu_s] | add) / (([$g[].served_bytes] | add) / 1e9) * 100 | round / 100 else "-" end) |"' \
+		echo "| N | scenario | daemon CPU-s, mean / max | peak RSS MiB, mean / max | CPU-s per GB served (cluster) |"
+		echo "|---|---|---|---|---|"
+		jq -rs 'group_by([.nodes, .scenario, .mode])[] | . as $g | ($g | length) as $k |
+			"| \($g[0].nodes) | \($g[0].scenario) \($g[0].mode) | \(([$g[].cpu_s] | add / $k * 10 | round / 10)) / \([$g[].cpu_s] | max) | \(([$g[].rss_hwm_kib] | add / $k / 1024 | round)) / \(([$g[].rss_hwm_kib] | max) / 1024 | round) | \(if ([$g[].served_bytes] | add) > 0 then ([$g[].cpu_s] | add) / (([$g[].served_bytes] | add) / 1e9) * 100 | round / 100 else "-" end) |"' \
 			"$SCALE_OUT/daemons.jsonl"
 	fi
 }
