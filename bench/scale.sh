@@ -180,7 +180,7 @@ summary() {
 		echo "| N | scenario | daemon CPU-s, mean / max | peak RSS MiB, mean / max | CPU-s per GB served (cluster) |"
 		echo "|---|---|---|---|---|"
 		jq -rs 'group_by([.nodes, .scenario, .mode])[] | . as $g | ($g | length) as $k |
-			"| \($g[0].nodes) | \($g[0].scenario) \($g[0].mode) | \(([$g[].cpu_s] | add / $k * 10 | round / 10)) / \([$g[].cpu_s] | max) | \(([$g[].rss_hwm_kib] | add / $k / 1024 | round)) / \(([$g[].rss_hwm_kib] | max) / 1024 | round) | \(if ([$g[].served_bytes] | add) > 0 then ([$g[].cpu_s] | add) / (([$g[].served_bytes] | add) / 1e9) * 100 | round / 100 else "-" end) |"' \
+			"| \($g[0].nodes) | \($g[0].scenario) \($g[0].mode) | \(([$g[].cpu_s] | add / $k * 10 | round / 10)) / \([$g[].cpu_s] | max) | \(([$g[].rss_hwm_kib] | add / $k / 1024 | round)) / \(([$g[].rss_hwm_kib] | max) / 1024 | round) | \(if ([$g[].served_bytes] | add) > 1e7 then ([$g[].cpu_s] | add) / (([$g[].served_bytes] | add) / 1e9) * 100 | round / 100 else "-" end) |"' \
 			"$SCALE_OUT/daemons.jsonl"
 	fi
 }

@@ -212,7 +212,10 @@ fn scale_benchmark_runs_small() -> Result<()> {
         "create with the cache on fetched the layer more than once: {r}"
     );
     let daemons = read_json_lines(&out.path().join("daemons.jsonl"))?;
-    ensure!(daemons.len() == 16, "want 4 daemon lines per speculum scenario: {daemons:?}");
+    ensure!(
+        daemons.len() == 16,
+        "want 4 daemon lines per speculum scenario: {daemons:?}"
+    );
     for d in &daemons {
         ensure!(
             d["cpu_s"].as_f64().is_some_and(|s| s > 0.0)
