@@ -15,6 +15,7 @@ mod coalesce;
 mod doctor;
 mod faults;
 mod parallel_fetch;
+mod partition;
 mod prometheus;
 mod status_page;
 mod tenancy;
