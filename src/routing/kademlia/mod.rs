@@ -13,8 +13,13 @@
 //!
 //! A provider record only says a node held a key at some point. Before a lookup hands a peer
 //! to the mirror, it asks that peer over `has`, on a live connection or one dialled for it,
-//! within `verify_timeout`. So a dead, frozen or partitioned node, or a node that withdrew the
-//! key, is never returned, however long its records linger in other nodes' stores. The peer's
+//! within `verify_timeout` — or, when the peer is connected and was heard from within
+//! `liveness_window` (a pong, a `has` answer), hands it out at once and sends the check
+//! alongside, whose "no" keeps it off the fast path for that key. So a dead, frozen or
+//! partitioned node is not returned once `liveness_window` has passed since it was last heard
+//! from, nor a node that said it withdrew the key, however long its records linger in other
+//! nodes' stores. The `has` answer carries the holder's load (`Peer::load`), counted by the
+//! [`ServingLoad`] handle given to [`start_with_load`]. The peer's
 //! IP comes from that connection ([`choose_ip`]); the port is the cluster-wide
 //! `registry_port`. Records a peer gave us are dropped from our store when its last
 //! connection closes, so stale records also stop being handed out; connections stay open
