@@ -10,6 +10,17 @@
 #
 #   sudo bench/advertise.sh                 every line of tests/containerd/containerd.sh
 #   sudo BENCH_LINES="1.6 2.3" bench/advertise.sh
+#   sudo bench/advertise.sh backlog         start-up advertising of a node holding 10 k digests
+#
+# `backlog` (issue 19 item 5): node 1 holds `small:v1` (pulled through its mirror) and
+# BENCH_BACKLOG_KEYS (10000) blobs in its blob cache, written to disk while its daemon is down;
+# the daemon then starts and advertises them all. Measured from the daemon's start, on node 2
+# (its mirror, as containerd asks): when the tag is first findable (HEAD by tag → upstream
+# names the manifest, the DHT finds node 1 holding it), when BENCH_BACKLOG_SAMPLE sampled blobs
+# (the last ones in announcement order plus random ones) are all findable; node 1's CPU-s
+# (daemon, from /proc) and the bytes on its link by then, and nodes 2 and 3's CPU-s. Run for
+# each `routing.publish_rate` in BENCH_BACKLOG_RATES ("0 500": unpaced, then 500 keys/s) in the
+# same run; one JSON line each, in $BENCH_OUT/advertise-backlog.jsonl.
 # Knobs: BENCH_LINES, BENCH_ADV_IMAGES (rig image names, default "big multi small docker"),
 # RIG_BIG_MB (default here 64), SPECULUM_BIN, BENCH_OUT. Prints one TSV line per pull:
 #   line  image  blobs  pull_ms  found_after_end_ms
@@ -113,17 +124,102 @@ run_line() {
 	bash "$RIG_HERE/rig.sh" down
 }
 
+# cpu_s NAME: user + system CPU seconds of a recorded rig process.
+cpu_s() {
+	local pid
+	pid=$(<"$(pid_file "$1")")
+	awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$pid/stat"
+}
+
+# link_bytes N: bytes sent + received on node N's link.
+link_bytes() {
+	ip -n "$(node_ns "$1")" -s -j link show eth0 | jq '.[0].stats64 | .rx.bytes + .tx.bytes'
+}
+
+# fill_cache DIR COUNT: COUNT distinct small blobs in a blob cache directory (named by their
+# sha256, as the cache keeps them); prints their digests in the order the router announces a
+# batch (sorted), one per line.
+fill_cache() {
+	python3 - "$1" "$2" <<-'PY'
+		import hashlib, os, sys
+		d, n = sys.argv[1], int(sys.argv[2])
+		blobs = os.path.join(d, "blobs", "sha256")
+		os.makedirs(blobs, exist_ok=True)
+		out = []
+		for i in range(n):
+		    data = b"speculum advertise backlog blob %d\n" % i
+		    h = hashlib.sha256(data).hexdigest()
+		    with open(os.path.join(blobs, h), "wb") as f:
+		        f.write(data)
+		    out.append("sha256:" + h)
+		print("\n".join(sorted(out)))
+	PY
+}
+
+run_backlog() {
+	local keys=${BENCH_BACKLOG_KEYS:-10000} sample=${BENCH_BACKLOG_SAMPLE:-40}
+	local rates=${BENCH_BACKLOG_RATES:-0 500} rate repo ref tag d1 t0 t_tag t_all b0 c2 c3
+	export RIG_CONTAINERD=${RIG_CONTAINERD:-2.3} RIG_NODES=3
+	bash "$RIG_HERE/rig.sh" up
+	bash "$RIG_HERE/push-images.sh" small >/dev/null
+	repo=$(jq -r '.images[] | select(.name == "small") | .repository' "$RIG_DIR/images.json")
+	ref=$(jq -r '.images[] | select(.name == "small") | .refs.v1' "$RIG_DIR/images.json")
+	tag=${ref##*:}
+	d1=$(node_dir 1)
+	# Node 1 bootstraps from node 2, so its restarts rejoin at once.
+	mkdir -p "$d1/data"
+	speculum_config "$d1" n1 bootstrap="/ip4/$(node_ip 2)/tcp/5082" cache=1 >"$d1/speculum.yaml"
+	for n in 2 3; do write_speculum_config "$n"; done
+	for n in 1 2 3; do configure_node "$n" >/dev/null; done
+	for n in 2 3 1; do start_speculum "$n"; done
+	cri_pull 1 "$ref" >/dev/null
+	poll_until 60 "node 2 finds $ref" mirror_finds 2 "$repo" "$tag" || die "node 2 never found $ref"
+	stop_speculum 1
+	fill_cache "$d1/cache" "$keys" >"$RIG_DIR/backlog.txt"
+	# The last keys of the announcement order, and random ones.
+	mapfile -t picks < <({ tail -n $((sample / 2)) "$RIG_DIR/backlog.txt"; shuf -n $((sample / 2)) --random-source=<(yes) "$RIG_DIR/backlog.txt"; } | sort -u)
+	: >"$BENCH_OUT/advertise-backlog.jsonl"
+	for rate in $rates; do
+		c2=$(cpu_s n2-speculum)
+		c3=$(cpu_s n3-speculum)
+		b0=$(link_bytes 1)
+		t0=$(now_ms)
+		SPECULUM_ROUTING_PUBLISH_RATE=$rate start_speculum 1
+		poll_until 120 "node 2 finds the tag" mirror_finds 2 "$repo" "$tag" || die "tag never findable"
+		t_tag=$(now_ms)
+		t_all=$(poll_found 2 "$repo" "${picks[@]}") || die "sampled blobs not all findable"
+		jq -nc --argjson rate "$rate" --argjson keys "$keys" --argjson sample "${#picks[@]}" \
+			--argjson tag_ms $((t_tag - t0)) --argjson all_ms $((t_all - t0)) \
+			--argjson cpu1 "$(cpu_s n1-speculum)" \
+			--argjson cpu2 "$(awk -v a="$c2" -v b="$(cpu_s n2-speculum)" 'BEGIN { printf "%.2f", b - a }')" \
+			--argjson cpu3 "$(awk -v a="$c3" -v b="$(cpu_s n3-speculum)" 'BEGIN { printf "%.2f", b - a }')" \
+			--argjson bytes $(($(link_bytes 1) - b0)) --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+			'{publish_rate: $rate, keys: $keys, sampled: $sample, tag_findable_ms: $tag_ms,
+			  sample_findable_ms: $all_ms, node1_cpu_s: $cpu1, node2_cpu_s: $cpu2,
+			  node3_cpu_s: $cpu3, node1_link_bytes: $bytes, load: $load}' |
+			tee -a "$BENCH_OUT/advertise-backlog.jsonl"
+		# Graceful: node 1 closes its connections, so nodes 2 and 3 drop its records with them
+		# and the next round starts from nothing findable.
+		stop_speculum 1
+	done
+	bash "$RIG_HERE/rig.sh" down
+}
+
 main() {
 	require_root
 	require_speculum
 	mkdir -p "$BENCH_OUT"
 	printf 'line\timage\tblobs\tpull_ms\tfound_after_end_ms\n' | tee "$BENCH_OUT/advertise.tsv"
-	exec 8>/tmp/speculum-rig.lock
+	exec 8>"${BENCH_LOCK:-/tmp/speculum-rig.lock}"
 	flock -w 900 8 || die "the rig lock is held by someone else"
+	if [[ ${1:-} == backlog ]]; then
+		run_backlog || { bash "$RIG_HERE/rig.sh" down; die "backlog run failed"; }
+		return
+	fi
 	local line
 	for line in $LINES; do
 		run_line "$line" || { bash "$RIG_HERE/rig.sh" down; die "containerd $line failed"; }
 	done
 }
 
-main
+main "$@"

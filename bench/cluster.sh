@@ -398,4 +398,5 @@ bench_main() {
 	summary | tee "$BENCH_OUT/cluster.md"
 }
 
-bench_main "$@"
+# Sourced (bench/scale.sh reuses the functions): define only.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then bench_main "$@"; fi

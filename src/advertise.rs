@@ -14,6 +14,11 @@
 //! coalescer itself, at once. Manifests the node fetched are cache entries too, and the tags
 //! that named them (`cache::manifests`) are wanted while their manifest is complete.
 //!
+//! Order: tag keys and manifests (they gate a pull: a node that cannot find the manifest goes
+//! upstream for all of it) go out with [`Router::advertise_first`], ahead of any backlog; the
+//! other digests with [`Router::advertise`], which the router paces (`routing.publish_rate`).
+//! A node starting with 10 k blobs is findable by tag within the first announcements.
+//!
 //! containerd ≥ 2.1 also says when each blob lands (`StoreEvent::ContentAdded`, before any
 //! image names it): such a blob is advertised at once, without waiting for the pull to end,
 //! when the policy allows it for one of the repositories it was pulled from. Until an image's
@@ -29,12 +34,13 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::Cache;
+use crate::oci::{Digest, media};
 use crate::policy::Advert;
 use crate::readiness::Readiness;
 use crate::routing::Router;
 use crate::routing::metrics::RoutingMetrics;
 use crate::shutdown::Shutdown;
-use crate::store::{Image, Store, StoreError, StoreEvent, closure};
+use crate::store::{Image, Store, StoreError, StoreEvent};
 
 /// Settings of the advertisement loop (`sync:` config section).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,7 +248,8 @@ impl Advertiser {
             tracing::debug!(digest = %digest, ?sources, "content event: not advertised early");
             return;
         }
-        match self.router.advertise(vec![key.clone()]).await {
+        // A pull is in progress and other nodes may be waiting for it: ahead of any backlog.
+        match self.router.advertise_first(vec![key.clone()]).await {
             Ok(()) => {
                 self.advertised.insert(key.clone());
                 self.early.insert(key, tokio::time::Instant::now());
@@ -255,7 +262,7 @@ impl Advertiser {
 
     /// Computes the wanted keys and advertises/withdraws the difference.
     pub async fn reconcile(&mut self) {
-        let mut wanted = match self.wanted().await {
+        let wanted = match self.wanted().await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the store failed; keeping current advertisements");
@@ -265,12 +272,23 @@ impl Advertiser {
             }
         };
         self.readiness.release(READINESS_PART);
+        let (mut wanted, first) = wanted;
         self.keep_early(&mut wanted).await;
         let add: Vec<String> = wanted.difference(&self.advertised).cloned().collect();
         let remove: Vec<String> = self.advertised.difference(&wanted).cloned().collect();
-        if !add.is_empty() {
-            match self.router.advertise(add.clone()).await {
-                Ok(()) => self.advertised.extend(add.iter().cloned()),
+        let (urgent, backlog): (Vec<String>, Vec<String>) =
+            add.iter().cloned().partition(|k| first.contains(k));
+        for (keys, urgent) in [(urgent, true), (backlog, false)] {
+            if keys.is_empty() {
+                continue;
+            }
+            let sent = if urgent {
+                self.router.advertise_first(keys.clone()).await
+            } else {
+                self.router.advertise(keys.clone()).await
+            };
+            match sent {
+                Ok(()) => self.advertised.extend(keys),
                 Err(e) => tracing::warn!(error = %e, "advertise failed"),
             }
         }
@@ -295,31 +313,38 @@ impl Advertiser {
         }
     }
 
-    async fn wanted(&self) -> Result<BTreeSet<String>, StoreError> {
+    /// The keys wanted, and of those the ones to announce first (tags and manifests).
+    async fn wanted(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), StoreError> {
         let mut wanted = BTreeSet::new();
+        let mut first = BTreeSet::new();
         for image in self.store.images().await? {
             let advert = (self.filter)(&image);
             if !advert.content {
                 continue;
             }
-            let digests = closure(self.store.as_ref(), &image.digest).await?;
+            let (digests, manifests) =
+                closure_manifests(self.store.as_ref(), &image.digest).await?;
             if digests.is_empty() {
                 continue; // an image record whose content is gone
             }
             if advert.tag {
                 wanted.extend(image.tag_key());
+                first.extend(image.tag_key());
             }
             wanted.extend(digests.iter().map(ToString::to_string));
+            first.extend(manifests.iter().map(ToString::to_string));
         }
         if let Some(cache) = &self.cache {
             // Public blobs only ever enter the cache (policy is checked before a fetch).
             cache.take_events();
             wanted.extend(cache.complete().iter().map(ToString::to_string));
             // And the tags of the manifests it holds (`cache::manifests`): a node with no
-            // containerd store answers tags too.
-            wanted.extend(cache.tag_keys());
+            // containerd store answers tags too; tags go ahead of the backlog.
+            let tags = cache.tag_keys();
+            first.extend(tags.iter().cloned());
+            wanted.extend(tags);
         }
-        Ok(wanted)
+        Ok((wanted, first))
     }
 
     /// Adds the early-advertised blobs no image covers yet to `wanted`, while they are young
@@ -359,6 +384,33 @@ impl Advertiser {
 }
 
 /// The next event, or pending forever when not subscribed (so `select!` ignores it).
+/// The digests reachable from `root` (as [`crate::store::closure`]: parents first), and which
+/// of them are manifests or indexes.
+async fn closure_manifests(
+    store: &dyn Store,
+    root: &Digest,
+) -> Result<(Vec<Digest>, Vec<Digest>), StoreError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut manifests = Vec::new();
+    let mut queue = vec![root.clone()];
+    while let Some(d) = queue.pop() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        let Some(desc) = store.descriptor(&d).await? else {
+            continue;
+        };
+        out.push(d.clone());
+        if media::is_manifest_type(&desc.media_type) {
+            let bytes = store.read_small(&d, media::MAX_MANIFEST_BYTES).await?;
+            queue.extend(media::children(&bytes).into_iter().map(|c| c.digest));
+            manifests.push(d);
+        }
+    }
+    Ok((out, manifests))
+}
+
 async fn next(events: &mut Option<BoxStream<'static, StoreEvent>>) -> Option<StoreEvent> {
     match events {
         Some(s) => s.next().await,
@@ -400,5 +452,103 @@ impl Backoff {
     }
     async fn sleep(&self) {
         tokio::time::sleep_until(self.at).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::routing::{Claim, Peer, RouterError};
+    use crate::store::memory::MemoryStore;
+
+    /// Records every advertise call: its keys and whether it was `advertise_first`.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<(bool, Vec<String>)>>,
+    }
+
+    #[async_trait]
+    impl Router for Recorder {
+        fn ready(&self) -> bool {
+            true
+        }
+        async fn lookup(&self, _: &str, _: usize) -> Result<mpsc::Receiver<Peer>, RouterError> {
+            Err(RouterError::Closed)
+        }
+        async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError> {
+            self.calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((false, keys));
+            Ok(())
+        }
+        async fn advertise_first(&self, keys: Vec<String>) -> Result<(), RouterError> {
+            self.calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((true, keys));
+            Ok(())
+        }
+        async fn withdraw(&self, _: Vec<String>) -> Result<(), RouterError> {
+            Ok(())
+        }
+        async fn claim(&self, _: &str, _: Duration) -> Result<Claim, RouterError> {
+            Err(RouterError::Closed)
+        }
+    }
+
+    #[tokio::test]
+    async fn tags_and_manifests_are_advertised_first_and_the_rest_as_backlog() {
+        let store = Arc::new(MemoryStore::new());
+        let layer = store.add_blob(vec![7u8; 1000]);
+        let config = store.add_blob(r#"{"rootfs":{"type":"layers"}}"#);
+        let manifest = store.add_blob(format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"digest":"{config}","size":28}},"layers":[{{"digest":"{layer}","size":1000}}]}}"#
+        ));
+        let index = store.add_blob(format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest}","size":300,"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+        ));
+        store.set_image("127.0.0.1:5000/rig/multi:v1", index.clone());
+        let router = Arc::new(Recorder::default());
+        let mut advertiser = Advertiser::new(
+            store,
+            router.clone(),
+            SyncConfig::default(),
+            Metrics::new().routing.clone(),
+            Readiness::new(),
+        );
+        advertiser.reconcile().await;
+        let calls = router
+            .calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let urgent = sorted(vec![
+            "127.0.0.1:5000/rig/multi:v1".to_owned(),
+            index.to_string(),
+            manifest.to_string(),
+        ]);
+        let backlog = sorted(vec![config.to_string(), layer.to_string()]);
+        assert_eq!(
+            calls,
+            vec![(true, urgent), (false, backlog)],
+            "urgent first, then the backlog"
+        );
+        // Nothing new: nothing sent again.
+        advertiser.reconcile().await;
+        assert_eq!(
+            router.calls.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            2
+        );
     }
 }

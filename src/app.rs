@@ -106,10 +106,17 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         None => Arc::new(crate::store::memory::MemoryStore::new()),
     };
 
+    // The cap on blob streams the peer endpoint serves (`registry.peer_serving_limit`); the
+    // router reports the same count in its `has` answers.
+    let serving = ServingLoad::new(config.registry.peer_serving_limit);
     let (router_stop, router_shutdown) = shutdown::channel();
-    let (router, mut router_task) = kademlia::start(config.routing.clone(), router_shutdown.wait())
-        .await
-        .context("starting the DHT router")?;
+    let (router, mut router_task) = kademlia::start_with_load(
+        config.routing.clone(),
+        serving.clone(),
+        router_shutdown.wait(),
+    )
+    .await
+    .context("starting the DHT router")?;
     let router_dyn: Arc<dyn Router> = Arc::new(router.clone());
     tracing::info!(
         peer.id = %router.peer_id(),
@@ -182,8 +189,6 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
         }),
         None => mirror,
     };
-    // The cap on blob streams the peer endpoint serves (`registry.peer_serving_limit`).
-    let serving = ServingLoad::new(config.registry.peer_serving_limit);
     let state = |handler, mirror: Option<Arc<Mirror>>| RegistryState {
         store: store.clone(),
         mirror,

@@ -86,8 +86,15 @@ pub trait Router: Send + Sync + 'static {
     /// returned: a node that died must stop appearing within 60 seconds.
     async fn lookup(&self, key: &str, limit: usize) -> Result<mpsc::Receiver<Peer>, RouterError>;
 
-    /// Announces that this node holds `keys`. Idempotent.
+    /// Announces that this node holds `keys`. Idempotent. A router may announce a large batch
+    /// over time (paced); tag keys go first.
     async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError>;
+
+    /// [`Router::advertise`] for keys that gate a pull (tags, manifests): announced before
+    /// any backlog, never paced. Idempotent; a key advertised earlier moves ahead.
+    async fn advertise_first(&self, keys: Vec<String>) -> Result<(), RouterError> {
+        self.advertise(keys).await
+    }
 
     /// Stops announcing `keys`. Idempotent.
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError>;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use speculum::routing::conformance::{self, Cluster, Node, Timing};
 use speculum::routing::kademlia::{self, KademliaConfig, KademliaError, KademliaRouter};
-use speculum::routing::{Peer, Router, RouterError};
+use speculum::routing::{Peer, PeerLoad, Router, RouterError, ServingLoad};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -73,6 +73,14 @@ fn config(ip: &str, dir: &Path, peers: Vec<String>) -> KademliaConfig {
 }
 
 async fn spawn_with(config: KademliaConfig, dir: tempfile::TempDir) -> TestNode {
+    spawn_loaded(config, dir, ServingLoad::new(0)).await
+}
+
+async fn spawn_loaded(
+    config: KademliaConfig,
+    dir: tempfile::TempDir,
+    load: ServingLoad,
+) -> TestNode {
     // Logs on demand: RUST_LOG=speculum=debug cargo test --test loopback routing_kademlia::.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -82,7 +90,7 @@ async fn spawn_with(config: KademliaConfig, dir: tempfile::TempDir) -> TestNode 
     let shutdown = async move {
         let _ = stopped.await;
     };
-    match kademlia::start(config, shutdown).await {
+    match kademlia::start_with_load(config, load, shutdown).await {
         Ok((router, task)) => TestNode {
             router,
             task,
@@ -543,6 +551,179 @@ async fn invalid_config_is_refused_before_binding() {
         Err(e) => panic!("want Config, got {e}"),
         Ok(_) => panic!("started with an invalid config"),
     }
+}
+
+/// Start-up advertising: a paced backlog of digests does not hold back what gates a pull. A
+/// tag (`advertise`) and a manifest (`advertise_first`) sent after 3,000 paced digests are
+/// findable while the backlog's tail cannot be yet (50 keys/s: a minute for the whole batch).
+#[tokio::test]
+async fn tags_and_manifests_overtake_a_paced_backlog() {
+    const KEYS: usize = 3_000;
+    let a = spawn("127.0.0.1", vec![]).await;
+    let dir = tempdir();
+    let mut c = config("127.0.0.1", dir.path(), vec![a.bootstrap_addr()]);
+    c.publish_rate = 50;
+    let c = spawn_with(c, dir).await;
+    let nodes = [a, c];
+    await_full_mesh(&nodes).await;
+    let [a, c] = nodes;
+    let backlog: Vec<String> = (0..KEYS)
+        .map(|i| format!("sha256:{:064x}", 2_000_000 + i))
+        .collect();
+    if let Err(e) = c.router.advertise(backlog.clone()).await {
+        panic!("advertise: {e}");
+    }
+    let tag = "127.0.0.1:5000/rig/urgent:v1";
+    let manifest = "sha256:00000000000000000000000000000000000000000000000000000000000f1257";
+    let sent = Instant::now();
+    let urgent = async {
+        c.router.advertise(vec![tag.to_owned()]).await?;
+        c.router.advertise_first(vec![manifest.to_owned()]).await
+    };
+    if let Err(e) = urgent.await {
+        panic!("advertise: {e}");
+    }
+    let c_id = c.id();
+    for key in [tag, manifest] {
+        poll(Duration::from_secs(20), key, || {
+            finds(&a.router, key, &c_id)
+        })
+        .await;
+    }
+    let urgent_after = sent.elapsed();
+    let last = &backlog[KEYS - 1];
+    assert!(
+        !finds(&a.router, last, &c_id).await,
+        "the backlog's last key is findable {urgent_after:?} after the urgent keys were sent: \
+         not paced, or the urgent keys waited behind it"
+    );
+    // The backlog still drains, in order.
+    poll(Duration::from_secs(20), "the backlog's first key", || {
+        finds(&a.router, &backlog[0], &c_id)
+    })
+    .await;
+    println!(
+        "measured: tag and manifest findable {} ms after being sent behind {KEYS} paced digests",
+        urgent_after.as_millis()
+    );
+    c.stop().await;
+    a.stop().await;
+}
+
+/// A holder's `has` answer carries its serving load, and the lookup hands it out in
+/// `Peer::load`; a later answer (the check sent with a fast-path hand-out) updates it.
+#[tokio::test]
+async fn lookups_report_the_holders_serving_load() {
+    let a = spawn("127.0.0.1", vec![]).await;
+    let dir = tempdir();
+    let load = ServingLoad::new(4);
+    let c = spawn_loaded(
+        config("127.0.0.1", dir.path(), vec![a.bootstrap_addr()]),
+        dir,
+        load.clone(),
+    )
+    .await;
+    let key = "sha256:000000000000000000000000000000000000000000000000000000000000104d";
+    if let Err(e) = c.router.advertise(vec![key.to_owned()]).await {
+        panic!("advertise: {e}");
+    }
+    let c_id = c.id();
+    let first = load.try_enter();
+    let second = load.try_enter();
+    assert!(first.is_some() && second.is_some(), "slots under the cap");
+    let want = |serving| Some(PeerLoad { serving, limit: 4 });
+    let loaded = |serving| {
+        let (a, c_id) = (&a, &c_id);
+        async move {
+            lookup(&a.router, key)
+                .await
+                .iter()
+                .any(|p| p.id == *c_id && p.load == want(serving))
+        }
+    };
+    poll(Duration::from_secs(20), "A sees C serving 2 of 4", || {
+        loaded(2)
+    })
+    .await;
+    drop(first);
+    poll(Duration::from_secs(20), "A sees C serving 1 of 4", || {
+        loaded(1)
+    })
+    .await;
+    drop(second);
+    c.stop().await;
+    a.stop().await;
+}
+
+/// The fast path: a connected holder heard from within `liveness_window` is handed out
+/// without waiting for its `has` answer — so a holder frozen just now (SIGSTOP: sockets open,
+/// nothing answers, like a partition) is still handed out at first. It stops being handed out
+/// once its unanswered check fails (`verify_timeout`) or the window passes, whichever is first.
+#[tokio::test]
+async fn a_cut_off_holder_is_handed_out_only_within_the_liveness_window() {
+    const WINDOW: Duration = Duration::from_secs(6);
+    let dir = tempdir();
+    let mut c = config("127.0.0.1", dir.path(), vec![]);
+    c.liveness_window = WINDOW;
+    let verify = c.verify_timeout;
+    let a = spawn_with(c, dir).await;
+    let key = "sha256:0000000000000000000000000000000000000000000000000000000000c07055";
+    let child = ChildNode::spawn(&a.bootstrap_addr(), key).await;
+    let c_id = child.id.clone();
+    poll(Duration::from_secs(20), "A finds the child", || {
+        finds(&a.router, key, &c_id)
+    })
+    .await;
+    signal(child.pid, "STOP");
+    let frozen = Instant::now();
+    // Only the fast path can hand out a node that answers nothing. What the mirror waits for
+    // is the first peer (a lookup's channel stays open while kad still asks the frozen node).
+    let first_peer = || async {
+        let mut rx = match a.router.lookup(key, 1).await {
+            Ok(rx) => rx,
+            Err(e) => panic!("{e}"),
+        };
+        let wait = verify + Duration::from_secs(1);
+        matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(p)) if p.id == c_id)
+    };
+    let handed_out = first_peer().await;
+    let looked = frozen.elapsed();
+    if looked < WINDOW {
+        assert!(
+            handed_out,
+            "a holder heard from {looked:?} ago was not handed out at once"
+        );
+    }
+    let gone = loop {
+        let began = frozen.elapsed();
+        if !first_peer().await {
+            break began;
+        }
+        assert!(
+            frozen.elapsed() < DEAD_NODE_BOUND,
+            "frozen holder still handed out after {DEAD_NODE_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "measured: frozen holder handed out to lookups started up to {} ms after the freeze \
+         (verify_timeout {} ms, liveness_window {} ms)",
+        gone.as_millis(),
+        verify.as_millis(),
+        WINDOW.as_millis()
+    );
+    // The bound is the window (a lookup started later waits for an answer that never comes),
+    // and sooner the failed check sent with the first hand-out; slack for a loaded machine.
+    assert!(
+        gone <= WINDOW + Duration::from_secs(2),
+        "handed out for {gone:?}"
+    );
+    // And it stays out: later lookups wait for `has`, which a frozen node never answers.
+    for _ in 0..3 {
+        assert!(!first_peer().await, "the frozen holder is back");
+    }
+    child.kill().await;
+    a.stop().await;
 }
 
 // ----- a router in a child process, to freeze it with SIGSTOP -----

@@ -17,6 +17,7 @@ mod crio;
 mod doctor;
 mod faults;
 mod parallel_fetch;
+mod partition;
 mod prometheus;
 mod status_page;
 mod swarm;

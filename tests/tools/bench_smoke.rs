@@ -1,7 +1,8 @@
 //! The benchmark scripts, run small, so they cannot rot between benchmark runs.
 //!
-//! One job: run `bench/cluster.sh` (2 rig nodes, one 1 MiB image, every scenario and mode) and
-//! `bench/serving.sh` (an 8 MiB blob, a handful of requests) with the debug daemon cargo built
+//! One job: run `bench/cluster.sh` (2 rig nodes, one 1 MiB image, every scenario and mode),
+//! `bench/serving.sh` (an 8 MiB blob, a handful of requests) and `bench/scale.sh` (4 nodes, one
+//! 1 MiB image, every scenario with the blob cache off and on) with the debug daemon cargo built
 //! for this test, and check that each produced every figure it promises. The numbers are not
 //! judged here (a smoke run on a busy machine says nothing); BENCHMARKS.md holds the real runs.
 //!
@@ -153,5 +154,78 @@ fn cluster_and_serving_benchmarks_run_small() -> Result<()> {
             "serving.json: no HEAD latency for {server} in {serving}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn scale_benchmark_runs_small() -> Result<()> {
+    if let Some(why) = skip_reason() {
+        eprintln!("bench_smoke: skipped ({why})");
+        return Ok(());
+    }
+    let out = tempfile::tempdir()?;
+    let dir = out.path().to_string_lossy().into_owned();
+    run_script(
+        "bench/scale.sh",
+        &[
+            ("BENCH_SCALE_NODES", "4".to_owned()),
+            ("BENCH_IMAGE", "1:1".to_owned()),
+            ("BENCH_OUT", dir.clone()),
+            ("BENCH_LOCK_WAIT", "900".to_owned()),
+        ],
+        Duration::from_secs(1200),
+    )?;
+    let rows = read_json_lines(&out.path().join("scale.jsonl"))?;
+    let row = |scenario: &str, mode: &str| {
+        rows.iter()
+            .find(|r| r["scenario"] == scenario && r["mode"] == mode && r["nodes"] == 4)
+            .with_context(|| format!("no {scenario}/{mode} row for N=4 in {rows:?}"))
+    };
+    for (scenario, mode) in [
+        ("single", "direct"),
+        ("update", "direct"),
+        ("create", "direct"),
+        ("update", "off"),
+        ("create", "off"),
+        ("update", "on"),
+        ("create", "on"),
+    ] {
+        let r = row(scenario, mode)?;
+        ensure!(
+            r["max_ms"].as_f64().is_some_and(|ms| ms > 0.0)
+                && r["bound_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+            "{scenario}/{mode}: no pull time or bound in {r}"
+        );
+    }
+    // One holder, three pullers: every layer came from the holder, none from upstream.
+    for mode in ["off", "on"] {
+        let r = row("update", mode)?;
+        ensure!(
+            r["upstream_layer_gets"] == 0,
+            "update with the cache {mode} fetched from upstream: {r}"
+        );
+    }
+    // Cold everywhere with the cache on: the cluster fetched the one layer once.
+    let r = row("create", "on")?;
+    ensure!(
+        r["upstream_layer_gets"] == 1,
+        "create with the cache on fetched the layer more than once: {r}"
+    );
+    let daemons = read_json_lines(&out.path().join("daemons.jsonl"))?;
+    ensure!(
+        daemons.len() == 16,
+        "want 4 daemon lines per speculum scenario: {daemons:?}"
+    );
+    for d in &daemons {
+        ensure!(
+            d["cpu_s"].as_f64().is_some_and(|s| s > 0.0)
+                && d["rss_hwm_kib"].as_f64().is_some_and(|k| k > 1000.0),
+            "implausible daemon figures: {d}"
+        );
+    }
+    ensure!(
+        std::fs::read_to_string(out.path().join("scale.md"))?.contains("| 4 |"),
+        "scale.md has no N=4 row"
+    );
     Ok(())
 }

@@ -17,6 +17,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, StreamProtocol, Swarm, SwarmBuilder, identify, noise, ping, tcp, yamux};
 use serde::{Deserialize, Serialize};
 
+use crate::routing::load::PeerLoad;
 use crate::routing::psk::PreSharedKey;
 
 use super::config::{KademliaConfig, KademliaError};
@@ -40,6 +41,10 @@ pub(super) struct HasRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct HasResponse {
     pub(super) has: bool,
+    /// The holder's peer-serving load when it answered; absent from older daemons' answers,
+    /// which still count (`None`: not reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) load: Option<PeerLoad>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,4 +194,54 @@ pub(super) async fn await_listening(
     tokio::time::timeout(LISTEN_WAIT, wait)
         .await
         .map_err(|_| failed(format!("no bound address within {LISTEN_WAIT:?}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn has_answers_with_and_without_load_are_read() {
+        type Case = (&'static str, &'static str, bool, Option<PeerLoad>);
+        let cases: [Case; 3] = [
+            ("older daemon, no load field", r#"{"has":true}"#, true, None),
+            (
+                "load reported",
+                r#"{"has":true,"load":{"serving":3,"limit":8}}"#,
+                true,
+                Some(PeerLoad {
+                    serving: 3,
+                    limit: 8,
+                }),
+            ),
+            (
+                "does not hold it",
+                r#"{"has":false,"load":null}"#,
+                false,
+                None,
+            ),
+        ];
+        for (name, json, has, load) in cases {
+            let r: HasResponse = match serde_json::from_str(json) {
+                Ok(r) => r,
+                Err(e) => panic!("{name}: {e}"),
+            };
+            assert_eq!((r.has, r.load), (has, load), "{name}");
+        }
+        // What we send reads back the same, and an older daemon's reader (has only) accepts it.
+        let ours = HasResponse {
+            has: true,
+            load: Some(PeerLoad {
+                serving: 1,
+                limit: 0,
+            }),
+        };
+        let json = serde_json::to_string(&ours).unwrap_or_default();
+        #[derive(Deserialize)]
+        struct Older {
+            has: bool,
+        }
+        let older: Result<Older, _> = serde_json::from_str(&json);
+        assert!(older.is_ok_and(|o| o.has), "{json}");
+    }
 }

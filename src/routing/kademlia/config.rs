@@ -47,6 +47,19 @@ pub struct KademliaConfig {
     pub lookup_timeout: Duration,
     /// Most distinct keys the local record store holds (ours and other nodes').
     pub max_keys: usize,
+    /// A connected provider heard from this recently (a pong, a `has` answer) is handed out
+    /// at once, its `has` check sent alongside instead of waited for (docs/routing.md,
+    /// "Fast lookups"). Also the bound on handing out a holder that just died or was cut off.
+    /// `0s`: always wait for the `has` answer.
+    #[serde(with = "humantime_serde")]
+    pub liveness_window: Duration,
+    /// Provider announcements in flight at once.
+    pub publish_concurrency: usize,
+    /// Announcements per second of the backlog (digests other than manifests), so a node
+    /// starting with tens of thousands of blobs does not swamp the cluster; tags and
+    /// manifests are announced first and are never paced. `0`: no pacing beyond
+    /// `publish_concurrency`.
+    pub publish_rate: u32,
     /// The private network's pre-shared key (go-libp2p `swarm.key` format, or one line of 64
     /// hex digits). Empty: a public DHT that anyone who reaches `listen` can join.
     pub psk_file: PathBuf,
@@ -67,6 +80,9 @@ impl Default for KademliaConfig {
             verify_timeout: Duration::from_secs(2),
             lookup_timeout: Duration::from_secs(10),
             max_keys: 1_000_000,
+            liveness_window: Duration::from_secs(2),
+            publish_concurrency: 32,
+            publish_rate: 0,
             psk_file: PathBuf::new(),
         }
     }
@@ -115,6 +131,16 @@ impl KademliaConfig {
         }
         if self.max_keys == 0 {
             errors.push("routing.max_keys: must be greater than zero".to_owned());
+        }
+        // Past the ping bound a silent peer's connection is closed anyway; a longer window
+        // would only widen the time a cut-off holder may still be handed out.
+        if self.liveness_window > self.ping_interval + self.ping_timeout {
+            errors.push(
+                "routing.liveness_window: must not exceed ping_interval + ping_timeout".to_owned(),
+            );
+        }
+        if !(1..=1024).contains(&self.publish_concurrency) {
+            errors.push("routing.publish_concurrency: must be 1..=1024".to_owned());
         }
         // The key file itself is read when the router starts (`start` refuses a bad one before
         // the node joins anything): `configure`, `cleanup` and `config` run where the Secret
@@ -271,6 +297,16 @@ ping_interval: 2s
                 "routing.verify_timeout",
             ),
             ("no keys", |c| c.max_keys = 0, "routing.max_keys"),
+            (
+                "liveness window past the ping bound",
+                |c| c.liveness_window = Duration::from_secs(11),
+                "routing.liveness_window",
+            ),
+            (
+                "no announcements at once",
+                |c| c.publish_concurrency = 0,
+                "routing.publish_concurrency",
+            ),
         ];
         for (name, break_it, field) in cases {
             let mut c = KademliaConfig::default();

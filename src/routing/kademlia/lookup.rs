@@ -1,5 +1,12 @@
-//! Lookups: the kad walk for providers, `has` verification of every candidate before it is
-//! handed out, the kad events that drive both, and what each walk cost ([`LookupCost`]).
+//! Lookups: the kad walk for providers, `has` verification of every candidate, the kad events
+//! that drive both, and what each walk cost ([`LookupCost`]).
+//!
+//! A candidate is handed out once it answered `has` with yes, or at once when it is connected
+//! and was heard from within `liveness_window` (a pong, any `has` answer): then its `has`
+//! check goes out alongside, and a "no" keeps it out of later lookups of that key. Either
+//! way a holder that died or was cut off is not handed out once `liveness_window` has passed
+//! since it was last heard from. The `has` answer carries the holder's [`PeerLoad`], handed
+//! out in `Peer::load`; a fast-path peer carries the load of its last answer.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -13,6 +20,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::routing::Peer;
+use crate::routing::load::PeerLoad;
 
 use super::behaviour::{HasRequest, HasResponse};
 use super::config::record_key;
@@ -57,6 +65,29 @@ impl LookupCosts {
         }
     }
 }
+
+/// An outstanding `has` request: for a lookup waiting on it, or sent alongside a peer
+/// handed out on the fast path (`lookup: None`).
+pub(super) struct Verify {
+    pub(super) lookup: Option<kad::QueryId>,
+    pub(super) key: String,
+}
+
+/// What a peer last told us, for the fast path.
+#[derive(Default)]
+pub(super) struct Heard {
+    /// When it last answered anything (a pong, a `has`).
+    pub(super) at: Option<Instant>,
+    /// The load in its last `has` answer.
+    pub(super) load: Option<PeerLoad>,
+    /// Keys it said "no" to (withdrawn), with when; forgotten after `NOT_HELD_FOR`.
+    pub(super) not_held: HashMap<String, Instant>,
+}
+
+/// A holder's "no" keeps it out of fast-path hand-outs of that key this long.
+pub(super) const NOT_HELD_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most "no" answers remembered per peer.
+const NOT_HELD_MAX: usize = 4096;
 
 /// A lookup in progress: kad finds candidate providers, `has` verifies them one by one.
 pub(super) struct Lookup {
@@ -138,21 +169,64 @@ impl Node {
             if self.unreachable.contains_key(&peer) {
                 continue;
             }
-            let addrs = self.dial_addrs(&peer, &lookup.key);
-            let request = HasRequest {
-                key: lookup.key.clone(),
-            };
-            let req = self
-                .swarm
-                .behaviour_mut()
-                .has
-                .send_request_with_addresses(&peer, request, addrs);
-            self.verifying.insert(req, (id, peer));
+            if let Some(found) = self.known_alive(&peer, &lookup.key) {
+                if lookup.tx.try_send(found).is_ok() {
+                    lookup.sent += 1;
+                }
+                self.send_has(None, peer, lookup.key.clone());
+                continue;
+            }
+            self.send_has(Some(id), peer, lookup.key.clone());
             lookup.verifying += 1;
         }
         self.lookups.insert(id, lookup);
         if self.lookups.get(&id).is_some_and(Lookup::finished) {
             self.end_lookup(id);
+        }
+    }
+
+    fn send_has(&mut self, lookup: Option<kad::QueryId>, peer: PeerId, key: String) {
+        let addrs = self.dial_addrs(&peer, &key);
+        let request = HasRequest { key: key.clone() };
+        let req = self
+            .swarm
+            .behaviour_mut()
+            .has
+            .send_request_with_addresses(&peer, request, addrs);
+        self.verifying.insert(req, Verify { lookup, key });
+    }
+
+    /// `peer` as a lookup hands it out without waiting for `has`: connected, heard from
+    /// within `liveness_window`, with a known IP and no recent "no" for `key`.
+    fn known_alive(&self, peer: &PeerId, key: &str) -> Option<Peer> {
+        let window = self.config.liveness_window;
+        let heard = self.heard.get(peer)?;
+        let at = heard.at?;
+        if window.is_zero() || at.elapsed() > window || heard.not_held.contains_key(key) {
+            return None;
+        }
+        let via = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.peer == *peer)
+            .map(|(id, _)| *id)?;
+        let ip = self.peer_ip(peer, via)?;
+        Some(Peer {
+            id: peer.to_string(),
+            addr: SocketAddr::new(ip, self.config.registry_port),
+            load: heard.load,
+        })
+    }
+
+    /// `peer` answered something just now: it is alive.
+    pub(super) fn heard_from(&mut self, peer: PeerId) {
+        self.heard.entry(peer).or_default().at = Some(Instant::now());
+    }
+
+    /// Forgets "no" answers past `NOT_HELD_FOR` (housekeeping).
+    pub(super) fn prune_heard(&mut self) {
+        for heard in self.heard.values_mut() {
+            heard.not_held.retain(|_, at| at.elapsed() < NOT_HELD_FOR);
         }
     }
 
@@ -189,19 +263,22 @@ impl Node {
         use request_response::{Event, Message};
         match event {
             Event::Message {
+                peer,
                 message:
                     Message::Request {
                         request, channel, ..
                     },
                 ..
             } => {
-                let has = !self.shutting_down && self.advertised.contains(&request.key);
+                self.heard_from(peer);
+                let has = !self.shutting_down && self.advertised.contains_key(&request.key);
+                let load = Some(self.serving.now());
                 // Fails only when the asker is gone already.
                 let _ = self
                     .swarm
                     .behaviour_mut()
                     .has
-                    .send_response(channel, HasResponse { has });
+                    .send_response(channel, HasResponse { has, load });
             }
             Event::Message {
                 peer,
@@ -211,7 +288,7 @@ impl Node {
                         request_id,
                         response,
                     },
-            } => self.on_verified(request_id, peer, connection_id, response.has),
+            } => self.on_verified(request_id, peer, connection_id, response),
             Event::OutboundFailure {
                 peer,
                 request_id,
@@ -220,7 +297,10 @@ impl Node {
             } => {
                 debug!(peer.id = %peer, error = %error, "provider did not answer has");
                 self.mark_unreachable(peer);
-                if let Some((id, _)) = self.verifying.remove(&request_id) {
+                if let Some(Verify {
+                    lookup: Some(id), ..
+                }) = self.verifying.remove(&request_id)
+                {
                     if let Some(lookup) = self.lookups.get_mut(&id) {
                         lookup.verifying -= 1;
                     }
@@ -236,10 +316,22 @@ impl Node {
         request: OutboundRequestId,
         peer: PeerId,
         via: ConnectionId,
-        has: bool,
+        response: HasResponse,
     ) {
-        let Some((id, _)) = self.verifying.remove(&request) else {
+        let Some(verify) = self.verifying.remove(&request) else {
             return;
+        };
+        let HasResponse { has, load } = response;
+        let heard = self.heard.entry(peer).or_default();
+        heard.at = Some(Instant::now());
+        heard.load = load;
+        if has {
+            heard.not_held.remove(&verify.key);
+        } else if heard.not_held.len() < NOT_HELD_MAX {
+            heard.not_held.insert(verify.key, Instant::now());
+        }
+        let Some(id) = verify.lookup else {
+            return; // sent alongside a fast-path hand-out
         };
         let ip = self.peer_ip(&peer, via);
         let port = self.config.registry_port;
@@ -252,7 +344,7 @@ impl Node {
                 let found = Peer {
                     id: peer.to_string(),
                     addr: SocketAddr::new(ip, port),
-                    load: None,
+                    load,
                 };
                 if lookup.tx.try_send(found).is_ok() {
                     lookup.sent += 1;

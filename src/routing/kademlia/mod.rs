@@ -13,8 +13,13 @@
 //!
 //! A provider record only says a node held a key at some point. Before a lookup hands a peer
 //! to the mirror, it asks that peer over `has`, on a live connection or one dialled for it,
-//! within `verify_timeout`. So a dead, frozen or partitioned node, or a node that withdrew the
-//! key, is never returned, however long its records linger in other nodes' stores. The peer's
+//! within `verify_timeout` — or, when the peer is connected and was heard from within
+//! `liveness_window` (a pong, a `has` answer), hands it out at once and sends the check
+//! alongside, whose "no" keeps it off the fast path for that key. So a dead, frozen or
+//! partitioned node is not returned once `liveness_window` has passed since it was last heard
+//! from, nor a node that said it withdrew the key, however long its records linger in other
+//! nodes' stores. The `has` answer carries the holder's load (`Peer::load`), counted by the
+//! [`ServingLoad`] handle given to [`start_with_load`]. The peer's
 //! IP comes from that connection ([`choose_ip`]); the port is the cluster-wide
 //! `registry_port`. Records a peer gave us are dropped from our store when its last
 //! connection closes, so stale records also stop being handed out; connections stay open
@@ -53,6 +58,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::claim::Claim;
+use super::load::ServingLoad;
 use super::{Peer, Router, RouterError};
 
 use self::behaviour::{await_listening, build_swarm};
@@ -83,7 +89,11 @@ enum Command {
         limit: usize,
         tx: mpsc::Sender<Peer>,
     },
-    Advertise(Vec<String>),
+    Advertise {
+        keys: Vec<String>,
+        /// Tags and manifests: announced before the backlog, never paced.
+        urgent: bool,
+    },
     Withdraw(Vec<String>),
     Claim {
         key: String,
@@ -102,8 +112,22 @@ pub struct KademliaRouter {
 /// Starts the router: loads the identity, binds the listener and spawns the task that owns
 /// the swarm. Returns once the listener is bound (a lone node is ready then). The task runs
 /// until `shutdown` completes, then stops providing, closes its connections and ends.
+/// Its `has` answers report no serving cap (`ServingLoad::new(0)`); see [`start_with_load`].
 pub async fn start<S>(
     config: KademliaConfig,
+    shutdown: S,
+) -> Result<(KademliaRouter, JoinHandle<Result<(), RouterError>>), KademliaError>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    start_with_load(config, ServingLoad::new(0), shutdown).await
+}
+
+/// [`start`], with `has` answers reporting `load` (the daemon's peer-serving count and cap,
+/// the handle its peer endpoint takes slots from).
+pub async fn start_with_load<S>(
+    config: KademliaConfig,
+    load: ServingLoad,
     shutdown: S,
 ) -> Result<(KademliaRouter, JoinHandle<Result<(), RouterError>>), KademliaError>
 where
@@ -147,7 +171,7 @@ where
         lookup_costs: Mutex::default(),
     });
     let (tx, rx) = mpsc::channel(1024);
-    let node = Node::new(swarm, config, shared.clone(), rx, listener);
+    let node = Node::new(swarm, config, shared.clone(), rx, listener, load);
     let task = tokio::spawn(node.run(shutdown));
     Ok((
         KademliaRouter {
@@ -236,7 +260,25 @@ impl Router for KademliaRouter {
     }
 
     async fn advertise(&self, keys: Vec<String>) -> Result<(), RouterError> {
-        self.send(Command::Advertise(keys)).await
+        // Keys that are not digests are tags: they gate a pull.
+        let (urgent, backlog): (Vec<String>, Vec<String>) = keys
+            .into_iter()
+            .partition(|k| k.parse::<crate::oci::Digest>().is_err());
+        if !urgent.is_empty() {
+            self.advertise_first(urgent).await?;
+        }
+        if backlog.is_empty() {
+            return Ok(());
+        }
+        self.send(Command::Advertise {
+            keys: backlog,
+            urgent: false,
+        })
+        .await
+    }
+
+    async fn advertise_first(&self, keys: Vec<String>) -> Result<(), RouterError> {
+        self.send(Command::Advertise { keys, urgent: true }).await
     }
 
     async fn withdraw(&self, keys: Vec<String>) -> Result<(), RouterError> {

@@ -21,10 +21,11 @@ use tracing::{debug, info, warn};
 use crate::routing::RouterError;
 use crate::routing::bootstrap::{Schedule, Target};
 use crate::routing::claim::{Claim, ClaimTable};
+use crate::routing::load::ServingLoad;
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::config::{KademliaConfig, record_key};
-use super::lookup::Lookup;
+use super::lookup::{Heard, Lookup, Verify};
 use super::peers::{Conn, UNREACHABLE_FOR};
 use super::{Command, Shared};
 
@@ -50,13 +51,23 @@ pub(super) struct Node {
     pub(super) listener: libp2p::core::transport::ListenerId,
     pub(super) shutting_down: bool,
 
-    pub(super) advertised: HashSet<String>,
+    /// Keys we announce, each with whether it is urgent (a tag or manifest).
+    pub(super) advertised: HashMap<String, bool>,
     pub(super) publish_queue: VecDeque<String>,
     pub(super) queued: HashSet<String>,
     pub(super) publishing: HashSet<kad::QueryId>,
 
     pub(super) lookups: HashMap<kad::QueryId, Lookup>,
-    pub(super) verifying: HashMap<OutboundRequestId, (kad::QueryId, PeerId)>,
+    pub(super) verifying: HashMap<OutboundRequestId, Verify>,
+    /// What each connected peer last told us (liveness, load, keys it no longer holds).
+    pub(super) heard: HashMap<PeerId, Heard>,
+    /// This node's own peer-serving load, reported in our `has` answers.
+    pub(super) serving: ServingLoad,
+    /// Announcements of tags and manifests, sent before `publish_queue`, never paced.
+    pub(super) urgent_queue: VecDeque<String>,
+    /// Pacing of `publish_queue`: announcements allowed now (`publish_rate` per second).
+    pub(super) publish_tokens: f64,
+    pub(super) tokens_at: Instant,
 
     pub(super) conns: HashMap<ConnectionId, Conn>,
     /// Listen addresses peers told us through identify.
@@ -90,6 +101,7 @@ impl Node {
         shared: Arc<Shared>,
         commands: mpsc::Receiver<Command>,
         listener: libp2p::core::transport::ListenerId,
+        serving: ServingLoad,
     ) -> Node {
         let (resolved_tx, resolved_rx) = mpsc::channel(1);
         Node {
@@ -100,12 +112,17 @@ impl Node {
             commands,
             listener,
             shutting_down: false,
-            advertised: HashSet::new(),
+            advertised: HashMap::new(),
             publish_queue: VecDeque::new(),
             queued: HashSet::new(),
             publishing: HashSet::new(),
             lookups: HashMap::new(),
             verifying: HashMap::new(),
+            heard: HashMap::new(),
+            serving,
+            urgent_queue: VecDeque::new(),
+            publish_tokens: 0.0,
+            tokens_at: Instant::now(),
             conns: HashMap::new(),
             peer_addrs: HashMap::new(),
             given: HashMap::new(),
@@ -174,16 +191,21 @@ impl Node {
         match command {
             Command::Lookup { key, limit, tx } => self.start_lookup(key, limit, tx),
             Command::Claim { key, ttl, tx } => self.start_claim(key, ttl, tx),
-            Command::Advertise(keys) => {
+            Command::Advertise { keys, urgent } => {
                 for key in keys {
-                    if self.advertised.insert(key.clone()) {
-                        self.enqueue(key);
+                    let was = self.advertised.get(&key).copied();
+                    // Once urgent, republished as urgent.
+                    self.advertised
+                        .insert(key.clone(), urgent || was == Some(true));
+                    // New, or now urgent while it waits in the backlog.
+                    if was.is_none() || (urgent && was == Some(false)) {
+                        self.enqueue(key, urgent);
                     }
                 }
             }
             Command::Withdraw(keys) => {
                 for key in keys {
-                    if self.advertised.remove(&key) {
+                    if self.advertised.remove(&key).is_some() {
                         // Local only in kad; other nodes learn it from our `has` answer.
                         self.swarm
                             .behaviour_mut()
@@ -211,6 +233,7 @@ impl Node {
         }
         self.unreachable
             .retain(|_, at| now.duration_since(*at) < UNREACHABLE_FOR);
+        self.prune_heard();
         self.close_silent_connections();
         // A publish whose query kad no longer knows will never report back.
         let kad = &self.swarm.behaviour().kad;
@@ -277,7 +300,7 @@ impl Node {
     async fn shutdown(mut self) {
         self.shutting_down = true;
         self.shared.ready.store(false, Ordering::Relaxed);
-        for key in self.advertised.drain() {
+        for (key, _) in self.advertised.drain() {
             self.swarm
                 .behaviour_mut()
                 .kad

@@ -157,6 +157,7 @@ impl Node {
     /// are dropped from our store, so we stop handing them to other nodes.
     pub(super) fn on_peer_gone(&mut self, peer: PeerId) {
         self.peer_addrs.remove(&peer);
+        self.heard.remove(&peer);
         if let Some(keys) = self.given.remove(&peer) {
             debug!(peer.id = %peer, records = keys.len(), "dropping provider records of a gone peer");
             let store = self.swarm.behaviour_mut().kad.store_mut();
@@ -214,6 +215,7 @@ impl Node {
                 if let Some(c) = self.conns.get_mut(&event.connection) {
                     c.last_pong = Instant::now();
                 }
+                self.heard_from(event.peer);
             }
             Err(e) => {
                 // libp2p only reports the failure; a connection that cannot carry a ping is
@@ -261,6 +263,9 @@ impl Node {
     /// Leaves `peer` out of lookups for `UNREACHABLE_FOR` (until it connects again), counted.
     pub(super) fn mark_unreachable(&mut self, peer: PeerId) {
         self.unreachable.insert(peer, Instant::now());
+        if let Some(heard) = self.heard.get_mut(&peer) {
+            heard.at = None;
+        }
         self.shared
             .declared_unreachable
             .fetch_add(1, Ordering::Relaxed);
