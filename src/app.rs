@@ -110,9 +110,12 @@ pub async fn run(config: Config, stop: Shutdown) -> anyhow::Result<()> {
     // router reports the same count in its `has` answers.
     let serving = ServingLoad::new(config.registry.peer_serving_limit);
     let (router_stop, router_shutdown) = shutdown::channel();
-    let (router, mut router_task) = kademlia::start_with_load(
+    let (router, mut router_task) = kademlia::start_with(
         config.routing.clone(),
-        serving.clone(),
+        kademlia::Wiring {
+            load: serving.clone(),
+            metrics: metrics.routing.clone(),
+        },
         router_shutdown.wait(),
     )
     .await
@@ -395,11 +398,6 @@ async fn health(
     let mut last_findings: Option<Vec<Finding>> = None;
     loop {
         tick.tick().await;
-        metrics.routing.peers(router.peer_count());
-        // The router counts; the metrics follow (both only ever grow).
-        metrics
-            .routing
-            .router_totals(router.handshake_failures(), router.declared_unreachable());
         if router.ready() {
             readiness.release(Part::Routing);
         } else {

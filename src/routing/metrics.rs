@@ -1,5 +1,7 @@
 //! The routing metrics, one job: `speculum_routing_*` gauges and counters (advertised keys,
 //! connected peers, failed handshakes, unreachable peers), private, with recording methods.
+//! The DHT task records peers, handshakes and unreachable marks itself (`kademlia::Wiring`);
+//! the advertiser records the advertised keys.
 //! The lookup time is the registry's (`registry::metrics`): it measures it as the mirror sees
 //! it. Registered into the daemon's registry by the aggregator ([`crate::metrics`]).
 
@@ -51,18 +53,13 @@ impl RoutingMetrics {
         self.peers.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// The router's own running totals of failed handshakes and unreachable marks: the
-    /// counters follow them (both only ever grow). Until the router records into these
-    /// metrics itself, the composition root calls this on every health tick.
-    pub fn router_totals(&self, handshake_failures: u64, unreachable: u64) {
-        for (counter, total) in [
-            (&self.handshake_failures, handshake_failures),
-            (&self.peers_unreachable, unreachable),
-        ] {
-            let seen = counter.get();
-            if total > seen {
-                counter.inc_by(total - seen);
-            }
-        }
+    /// An inbound DHT connection failed the handshake.
+    pub fn handshake_failed(&self) {
+        self.handshake_failures.inc();
+    }
+
+    /// A peer was marked unreachable.
+    pub fn peer_unreachable(&self) {
+        self.peers_unreachable.inc();
     }
 }

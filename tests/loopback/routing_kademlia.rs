@@ -90,7 +90,16 @@ async fn spawn_loaded(
     let shutdown = async move {
         let _ = stopped.await;
     };
-    match kademlia::start_with_load(config, load, shutdown).await {
+    match kademlia::start_with(
+        config,
+        kademlia::Wiring {
+            load,
+            ..Default::default()
+        },
+        shutdown,
+    )
+    .await
+    {
         Ok((router, task)) => TestNode {
             router,
             task,

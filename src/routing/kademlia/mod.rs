@@ -19,7 +19,7 @@
 //! partitioned node is not returned once `liveness_window` has passed since it was last heard
 //! from, nor a node that said it withdrew the key, however long its records linger in other
 //! nodes' stores. The `has` answer carries the holder's load (`Peer::load`), counted by the
-//! [`ServingLoad`] handle given to [`start_with_load`]. The peer's
+//! [`ServingLoad`] handle given to [`start_with`] ([`Wiring`]). The peer's
 //! IP comes from that connection ([`choose_ip`]); the port is the cluster-wide
 //! `registry_port`. Records a peer gave us are dropped from our store when its last
 //! connection closes, so stale records also stop being handed out; connections stay open
@@ -59,6 +59,7 @@ use tracing::{info, warn};
 
 use super::claim::Claim;
 use super::load::ServingLoad;
+use super::metrics::RoutingMetrics;
 use super::{Peer, Router, RouterError};
 
 use self::behaviour::{await_listening, build_swarm};
@@ -81,6 +82,8 @@ struct Shared {
     // A std Mutex: it is never held across an `.await`.
     listen_addrs: Mutex<Vec<Multiaddr>>,
     lookup_costs: Mutex<LookupCosts>,
+    /// Recorded into beside the atomics above (which the handle's getters read).
+    metrics: RoutingMetrics,
 }
 
 enum Command {
@@ -109,10 +112,21 @@ pub struct KademliaRouter {
     shared: Arc<Shared>,
 }
 
+/// What the router shares with the rest of the daemon: the load its `has` answers report and
+/// the metrics it records into (peers, failed handshakes, unreachable marks). The default is
+/// no serving cap and metrics registered nowhere (tests, benches).
+#[derive(Clone, Default)]
+pub struct Wiring {
+    /// The daemon's peer-serving count and cap, the handle its peer endpoint takes slots from.
+    pub load: ServingLoad,
+    /// `speculum_routing_peers`, `…_handshake_failures_total`, `…_peers_unreachable_total`.
+    pub metrics: RoutingMetrics,
+}
+
 /// Starts the router: loads the identity, binds the listener and spawns the task that owns
 /// the swarm. Returns once the listener is bound (a lone node is ready then). The task runs
 /// until `shutdown` completes, then stops providing, closes its connections and ends.
-/// Its `has` answers report no serving cap (`ServingLoad::new(0)`); see [`start_with_load`].
+/// Nothing is wired in ([`Wiring::default`]); see [`start_with`].
 pub async fn start<S>(
     config: KademliaConfig,
     shutdown: S,
@@ -120,14 +134,14 @@ pub async fn start<S>(
 where
     S: Future<Output = ()> + Send + 'static,
 {
-    start_with_load(config, ServingLoad::new(0), shutdown).await
+    start_with(config, Wiring::default(), shutdown).await
 }
 
-/// [`start`], with `has` answers reporting `load` (the daemon's peer-serving count and cap,
-/// the handle its peer endpoint takes slots from).
-pub async fn start_with_load<S>(
+/// [`start`], with `has` answers reporting `wiring.load` and the routing metrics recorded
+/// into `wiring.metrics` as things happen.
+pub async fn start_with<S>(
     config: KademliaConfig,
-    load: ServingLoad,
+    wiring: Wiring,
     shutdown: S,
 ) -> Result<(KademliaRouter, JoinHandle<Result<(), RouterError>>), KademliaError>
 where
@@ -169,9 +183,10 @@ where
         declared_unreachable: AtomicU64::new(0),
         listen_addrs: Mutex::new(vec![first]),
         lookup_costs: Mutex::default(),
+        metrics: wiring.metrics,
     });
     let (tx, rx) = mpsc::channel(1024);
-    let node = Node::new(swarm, config, shared.clone(), rx, listener, load);
+    let node = Node::new(swarm, config, shared.clone(), rx, listener, wiring.load);
     let task = tokio::spawn(node.run(shutdown));
     Ok((
         KademliaRouter {

@@ -97,6 +97,7 @@ impl Node {
         self.shared
             .handshake_failures
             .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.handshake_failed();
         self.handshake_unlogged += 1;
         let now = Instant::now();
         if self
@@ -168,9 +169,9 @@ impl Node {
     }
 
     pub(super) fn update_peer_count(&self) {
-        self.shared
-            .peers
-            .store(self.swarm.connected_peers().count(), Ordering::Relaxed);
+        let peers = self.swarm.connected_peers().count();
+        self.shared.peers.store(peers, Ordering::Relaxed);
+        self.shared.metrics.peers(peers);
     }
 
     pub(super) fn on_identify_event(&mut self, event: identify::Event) {
@@ -269,6 +270,7 @@ impl Node {
         self.shared
             .declared_unreachable
             .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.peer_unreachable();
     }
 
     // ----- bootstrap -----
