@@ -212,15 +212,38 @@ impl RegistryState {
 }
 
 /// `response` with `slot` kept inside its body, so the slot is given back when the body ends
-/// or is dropped (also after a `sendfile` of the body's file, which drops the body last).
+/// or is dropped (also after a `sendfile` of the body's file, which drops the body last). The
+/// body keeps its size hint: the transport frames by it (`content-length`, not chunked).
 fn hold(response: Response, slot: Option<ServingSlot>) -> Response {
     let Some(slot) = slot else {
         return response;
     };
     let (parts, body) = response.into_parts();
-    let stream = futures::StreamExt::map(body.into_data_stream(), move |chunk| {
-        let _held = &slot;
-        chunk.map_err(std::io::Error::other)
-    });
-    Response::from_parts(parts, axum::body::Body::from_stream(stream))
+    Response::from_parts(parts, axum::body::Body::new(Held { body, _slot: slot }))
+}
+
+/// A body that holds a serving slot for its life and is otherwise the body it wraps.
+struct Held {
+    body: axum::body::Body,
+    _slot: ServingSlot,
+}
+
+impl axum::body::HttpBody for Held {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
