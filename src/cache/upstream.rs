@@ -175,11 +175,8 @@ impl Upstream {
         reference: &str,
         accept: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base(ns));
-        self.send(ns, repository, &url, |client| {
-            client.head(&url).header(header::ACCEPT, accept)
-        })
-        .await
+        self.manifest(reqwest::Method::HEAD, ns, repository, reference, accept)
+            .await
     }
 
     /// `GET`s manifest `reference` (tag or digest) of `repository` on registry `ns`,
@@ -192,9 +189,25 @@ impl Upstream {
         reference: &str,
         accept: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.manifest(reqwest::Method::GET, ns, repository, reference, accept)
+            .await
+    }
+
+    /// One anonymous manifest request with the client's `Accept` and nothing else of its
+    /// request; the answer whatever its status.
+    async fn manifest(
+        &self,
+        method: reqwest::Method,
+        ns: &str,
+        repository: &str,
+        reference: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let url = format!("{}/v2/{repository}/manifests/{reference}", self.base(ns));
         self.send(ns, repository, &url, |client| {
-            client.get(&url).header(header::ACCEPT, accept)
+            client
+                .request(method.clone(), &url)
+                .header(header::ACCEPT, accept)
         })
         .await
     }
